@@ -1,0 +1,14 @@
+"""adtr-anomalib: the ADTR anomaly-detection transformer as an anomalib model.
+
+Importing this package registers ``ADTR`` with anomalib. An installed wheel also does that by itself as soon
+as ``anomalib.models`` is imported (see ``adtr_anomalib_hook``), so ``anomalib train --model ADTR`` works
+without user code.
+"""
+
+from adtr_anomalib._registration import register_models
+from adtr_anomalib.models import ADTR, ADTRModel
+
+__version__ = "0.1.0"
+__all__ = ["ADTR", "ADTRModel", "__version__"]
+
+register_models(ADTR)

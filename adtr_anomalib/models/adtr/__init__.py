@@ -1,0 +1,12 @@
+"""ADTR: Anomaly Detection Transformer with Feature Reconstruction (You et al., ICONIP 2022).
+
+A frozen ImageNet CNN gives multi-scale features; a transformer encoder-decoder whose decoder starts from
+a learnable query embedding reconstructs them; the anomaly map is the L2 norm of the difference.
+
+Paper: https://arxiv.org/abs/2209.01816
+"""
+
+from .lightning_model import ADTR
+from .torch_model import ADTRModel
+
+__all__ = ["ADTR", "ADTRModel"]
