@@ -1,5 +1,32 @@
-"""Data helpers for the ADTR plugin: a small built-in texture anomaly dataset in MVTec-AD layout."""
+"""Data helpers for the ADTR plugin.
 
+* a small built-in texture anomaly dataset in MVTec-AD layout (:func:`make_texture_dataset`);
+* a ``Folder`` datamodule for any MVTec-layout folder (:func:`mvtec_layout_folder`);
+* anomalies in the training set for ADTR+: :class:`FolderWithAnomalies`, :class:`WithAnomalies`,
+  :func:`move_test_anomalies_to_train`;
+* on-the-fly synthetic anomalies: :class:`ConfettiNoise`, :class:`AnomalyInjectionDataset`.
+"""
+
+from adtr_anomalib.data.anomalies import (
+    FolderWithAnomalies,
+    WithAnomalies,
+    add_training_anomalies,
+    move_test_anomalies_to_train,
+)
+from adtr_anomalib.data.folder import mvtec_layout_folder
+from adtr_anomalib.data.synthetic import AnomalyInjectionDataset, ConfettiNoise
 from adtr_anomalib.data.textures import DEFECT_TYPES, TEXTURE_CATEGORIES, default_dataset_root, make_texture_dataset
 
-__all__ = ["DEFECT_TYPES", "TEXTURE_CATEGORIES", "default_dataset_root", "make_texture_dataset"]
+__all__ = [
+    "DEFECT_TYPES",
+    "TEXTURE_CATEGORIES",
+    "AnomalyInjectionDataset",
+    "ConfettiNoise",
+    "FolderWithAnomalies",
+    "WithAnomalies",
+    "add_training_anomalies",
+    "default_dataset_root",
+    "make_texture_dataset",
+    "move_test_anomalies_to_train",
+    "mvtec_layout_folder",
+]

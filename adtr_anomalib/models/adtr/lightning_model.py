@@ -57,6 +57,7 @@ class ADTRLightningMixin:
             msg = f"lr_schedule must be 'step' or 'cosine', got {lr_schedule!r}."
             raise ValueError(msg)
         self.model: ADTRModel = ADTRModel(pre_trained=False, input_size=self.input_size or (256, 256), **model_kwargs)
+        self._model_kwargs = model_kwargs  # to rebuild the network for a checkpoint's image size
         self._feature_cache: dict[str, torch.Tensor] = {}
         self._use_cache = False
 
@@ -83,14 +84,44 @@ class ADTRLightningMixin:
         if self.hparams.pre_trained and not resuming and not bool(self.model.backbone_weights_loaded):
             self.model.load_backbone_weights(self.hparams.weights)
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the saved pre-processor, then rebuild the network if its image size differs.
+
+        ``load_from_checkpoint`` builds the model before the saved pre-processor is restored (it is not a
+        hyper-parameter), i.e. for 256x256; a model trained at another size would then not load, because its
+        query and positional embeddings have one entry per feature-grid position.
+        """
+        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+        size = self.input_size
+        if size is not None and (int(size[0]), int(size[1])) != self.model.input_size:
+            self.model = ADTRModel(pre_trained=False, input_size=(int(size[0]), int(size[1])), **self._model_kwargs)
+
     def on_train_start(self) -> None:
         """Decide whether backbone features can be cached: only when every epoch sees the same inputs."""
-        datamodule = getattr(self.trainer, "datamodule", None)
-        augmented = getattr(datamodule, "train_augmentations", None) is not None
-        self._use_cache = bool(self.hparams.cache_features) and not augmented
-        if self.hparams.cache_features and augmented:
-            logger.info("ADTR: feature cache off because the datamodule has training augmentations.")
+        blockers = self.feature_cache_blockers()
+        self._use_cache = bool(self.hparams.cache_features) and not blockers
+        if self.hparams.cache_features and blockers:
+            logger.info("%s: feature cache off because %s.", type(self).__name__, " and ".join(blockers))
         self._feature_cache.clear()
+
+    def feature_cache_blockers(self) -> list[str]:
+        """Reasons why the same image path can give different inputs in different epochs.
+
+        The cache is keyed by image path, so it is only correct when none apply: training augmentations, or
+        a training dataset that changes images on the fly (it says so with ``varies_between_epochs = True``,
+        e.g. the synthetic anomalies of :class:`adtr_anomalib.data.AnomalyInjectionDataset`).
+        """
+        trainer = getattr(self, "_trainer", None)
+        datamodule = getattr(trainer, "datamodule", None)
+        blockers = []
+        if getattr(datamodule, "train_augmentations", None) is not None:
+            blockers.append("the datamodule has training augmentations")
+        dataset = getattr(datamodule, "train_data", None)
+        if dataset is None:  # dataloaders given without a datamodule
+            dataset = getattr(getattr(trainer, "train_dataloader", None), "dataset", None)
+        if getattr(dataset, "varies_between_epochs", False):
+            blockers.append("the training images change every epoch (on-the-fly synthetic anomalies)")
+        return blockers
 
     def on_train_end(self) -> None:
         """Free the feature cache."""

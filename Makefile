@@ -1,0 +1,33 @@
+# One-command set-up: every target creates the virtual environment it needs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+DATA ?=
+
+.PHONY: demo test lint format clean-venv
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+## demo: train ADTR on the built-in texture dataset (or DATA=path/to/mvtec-layout-folder) and show results
+demo: $(STAMP)
+	$(VENV)/bin/adtr-anomalib demo $(DATA)
+
+## test: lint and run the test suite (offline)
+test: $(STAMP) lint
+	HF_HUB_OFFLINE=1 $(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,59 @@
+"""anomalib ``Folder`` datamodules for image folders laid out like MVTec-AD.
+
+Users keep their line images as ``train/good``, ``test/good``, ``test/<defect>`` and optionally
+``ground_truth/<defect>/<stem>_mask.png``. anomalib's ``Folder`` reads that, but needs every directory spelled
+out; this finds them so one path is enough.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from anomalib.data import Folder
+from anomalib.data.utils import ValSplitMode
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def _has_images(folder: Path) -> bool:
+    return folder.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir())
+
+
+def mvtec_layout_folder(root: str | Path, name: str | None = None, **kwargs: Any) -> Folder:
+    """Build a ``Folder`` datamodule for ``root`` in MVTec-AD layout.
+
+    Validation uses the test images (``val_split_mode="same_as_test"``, as anomalib's MVTecAD does): the
+    post-processor's min-max normalisation then covers every test score, so AUROC/AUPRO are not distorted
+    by clipping. Pass any other ``Folder`` argument through ``kwargs``.
+
+    Raises:
+        FileNotFoundError: ``root`` or ``root/train/good`` is missing or holds no images.
+    """
+    root = Path(root).expanduser().resolve()
+    train = root / "train" / "good"
+    if not _has_images(train):
+        msg = (
+            f"No training images in '{train}'. Expected the MVTec-AD layout: train/good/*.png|jpg, "
+            "test/good/, test/<defect>/ and optionally ground_truth/<defect>/<stem>_mask.png."
+        )
+        raise FileNotFoundError(msg)
+    test = root / "test"
+    defects = sorted(p.name for p in test.iterdir() if p.name != "good" and _has_images(p)) if test.is_dir() else []
+    masks = [root / "ground_truth" / defect for defect in defects]
+    with_masks = bool(defects) and all(m.is_dir() for m in masks)
+    if defects and not with_masks and any(m.is_dir() for m in masks):
+        missing = [str(m) for m in masks if not m.is_dir()]
+        msg = f"Some defect types have masks and some not; missing mask folders: {missing}."
+        raise FileNotFoundError(msg)
+    options: dict[str, Any] = {"val_split_mode": ValSplitMode.SAME_AS_TEST, "num_workers": 0}
+    options.update(kwargs)
+    return Folder(
+        name=name or root.name,
+        root=root,
+        normal_dir=train,
+        normal_test_dir=(test / "good") if _has_images(test / "good") else None,
+        abnormal_dir=[test / d for d in defects] or None,
+        mask_dir=masks if with_masks else None,
+        **options,
+    )

@@ -1,0 +1,265 @@
+"""ADTR+: ADTR trained with the anomalies you already have (You et al., ICONIP 2022, Sec. 3.4).
+
+Paper: https://arxiv.org/abs/2209.01816
+
+The network, pre-processing, optimiser, inference and export are ADTR's (the same ``ADTRModel``); only the
+training loss differs: normal regions are pulled toward a good reconstruction, labelled anomalous regions
+(pixel masks, ``L_px``) or images (image labels, ``L_img``) are pushed away.
+
+Example:
+    >>> from anomalib.data import MVTecAD
+    >>> from anomalib.engine import Engine
+    >>> from adtr_anomalib import ADTRPlus
+    >>> from adtr_anomalib.data import ConfettiNoise, WithAnomalies
+    >>> datamodule = WithAnomalies(MVTecAD(category="bottle"), synthetic_anomalies=ConfettiNoise())
+    >>> model = ADTRPlus(adtr_checkpoint="results/ADTR/MVTecAD/bottle/latest/weights/lightning/model.ckpt")
+    >>> Engine(max_epochs=300).train(model=model, datamodule=datamodule)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from anomalib import TaskType
+from anomalib.data import Batch
+from anomalib.metrics import Evaluator
+from anomalib.models.components import AnomalibModule
+from anomalib.utils.serialization import anomalib_safe_globals
+from anomalib.visualization import Visualizer
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import nn
+
+from adtr_anomalib.models.adtr.lightning_model import ADTRLightningMixin, LRSchedule, check_finite
+from adtr_anomalib.models.adtr.torch_model import DEFAULT_LAYERS
+
+from .loss import ADTRPlusLoss, masks_to_token_labels, pseudo_huber_error
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ADTRPlus"]
+
+Supervision = Literal["auto", "pixel", "image"]
+
+# Arguments that shape the ADTRModel; an ADTR checkpoint must have been trained with the same values.
+_ARCHITECTURE = (
+    "backbone",
+    "layers",
+    "feature_stride",
+    "hidden_dim",
+    "num_encoder_layers",
+    "num_decoder_layers",
+    "num_heads",
+    "ffn_dim",
+)
+
+
+class ADTRPlus(ADTRLightningMixin, AnomalibModule):
+    """ADTR+: ADTR's feature-reconstruction transformer, trained to fail on labelled anomalies.
+
+    Training data: normal images plus anomalies with pixel masks (``L_px``) or image labels only
+    (``L_img``), real or synthetic; see :mod:`adtr_anomalib.data` (``FolderWithAnomalies``,
+    ``WithAnomalies``, ``ConfettiNoise``). As in the paper, start from a trained normal-only ADTR model
+    (``adtr_checkpoint``) and train some more epochs. The learning type is ONE_CLASS (anomalib's post-
+    processor and ``Engine.fit`` only train and normalise ONE_CLASS models), and the model at test time is
+    exactly ADTR's.
+
+    Args:
+        backbone, layers, pre_trained, weights, feature_stride, hidden_dim, num_encoder_layers,
+        num_decoder_layers, num_heads, ffn_dim, dropout, pooling_kernel: as :class:`~adtr_anomalib.ADTR`;
+            must match the ADTR checkpoint when one is given.
+        adtr_checkpoint: A trained ADTR checkpoint (Lightning ``.ckpt`` or a saved ``ADTRModel`` state dict)
+            to start from. Loaded when training starts (not when a trained ADTR+ model is restored), without
+            executing code from the file (``weights_only``).
+        supervision: ``"pixel"`` (``L_px``, needs masks), ``"image"`` (``L_img``, labels only; masks are
+            ignored) or ``"auto"`` (``L_px`` when the training batches have masks, else ``L_img``).
+        alpha: Weight of the anomaly term in both losses. Paper: 0.003.
+        k: Top-k errors averaged into the image score of ``L_img``. Paper (CIFAR-10): 20.
+        mask_threshold: How masks become token labels on the feature grid: ``None`` (default) marks a token
+            anomalous if any pixel of its cell is; a float in ``(0, 1]`` needs at least that fraction.
+        lr, weight_decay, lr_schedule, bf16, cache_features: as ADTR. The feature cache is turned off by
+            itself for on-the-fly synthetic anomalies and augmentations.
+        pre_processor, post_processor, evaluator, visualizer: as ADTR.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "efficientnet_b4",
+        layers: Sequence[str] = DEFAULT_LAYERS,
+        pre_trained: bool = True,
+        weights: str | None = None,
+        feature_stride: int = 16,
+        hidden_dim: int = 256,
+        num_encoder_layers: int = 4,
+        num_decoder_layers: int = 4,
+        num_heads: int = 8,
+        ffn_dim: int = 1024,
+        dropout: float = 0.1,
+        pooling_kernel: int = 16,
+        adtr_checkpoint: str | None = None,
+        supervision: Supervision = "auto",
+        alpha: float = 0.003,
+        k: int = 20,
+        mask_threshold: float | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 1e-4,
+        lr_schedule: LRSchedule = "step",
+        bf16: bool = True,
+        cache_features: bool = True,
+        pre_processor: nn.Module | bool = True,
+        post_processor: nn.Module | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        if supervision not in {"auto", "pixel", "image"}:
+            msg = f"supervision must be 'auto', 'pixel' or 'image', got {supervision!r}."
+            raise ValueError(msg)
+        if mask_threshold is not None and not 0.0 < mask_threshold <= 1.0:
+            msg = f"mask_threshold must be None (any anomalous pixel) or in (0, 1], got {mask_threshold}."
+            raise ValueError(msg)
+        super().__init__(
+            pre_processor=self.default_pre_processor(pre_processor, backbone),
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        self.build_adtr(
+            backbone=backbone,
+            layers=layers,
+            feature_stride=feature_stride,
+            hidden_dim=hidden_dim,
+            num_encoder_layers=num_encoder_layers,
+            num_decoder_layers=num_decoder_layers,
+            num_heads=num_heads,
+            ffn_dim=ffn_dim,
+            dropout=dropout,
+            pooling_kernel=pooling_kernel,
+            lr_schedule=lr_schedule,
+        )
+        self.loss = ADTRPlusLoss(alpha=alpha, k=k)
+        # Saved with the model: a trained ADTR+ model restored from its own checkpoint must not be reset to
+        # the ADTR starting point when it is trained further.
+        self.register_buffer("adtr_checkpoint_loaded", torch.tensor(False))
+
+    def setup(self, stage: str) -> None:
+        """Load the ADTR starting point (once, before training), then ADTR's backbone weights if still needed."""
+        trainer = getattr(self, "_trainer", None)
+        resuming = trainer is not None and trainer.ckpt_path is not None
+        if self.hparams.adtr_checkpoint and stage == "fit" and not resuming and not bool(self.adtr_checkpoint_loaded):
+            self.load_adtr_checkpoint(self.hparams.adtr_checkpoint)
+        super().setup(stage)
+
+    def load_adtr_checkpoint(self, path: str | Path) -> None:
+        """Copy the ``ADTRModel`` weights of a trained ADTR into this model.
+
+        Raises:
+            FileNotFoundError: If ``path`` does not exist.
+            ValueError: If the file is not an ADTR checkpoint or its network differs from this one.
+        """
+        path = Path(path).expanduser()
+        if not path.is_file():
+            msg = f"adtr_checkpoint '{path}' does not exist."
+            raise FileNotFoundError(msg)
+        try:
+            with anomalib_safe_globals(extra=self.checkpoint_safe_globals()):
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            msg = f"adtr_checkpoint '{path}' could not be read as a torch checkpoint: {error}"
+            raise ValueError(msg) from error
+        state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+        if not isinstance(state, dict):
+            msg = f"adtr_checkpoint '{path}' holds no state dict."
+            raise ValueError(msg)
+        if any(key.startswith("model.") for key in state):  # a Lightning checkpoint of ADTR or ADTR+
+            state = {key.removeprefix("model."): value for key, value in state.items() if key.startswith("model.")}
+        trained_with = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
+        architecture = {key: trained_with[key] for key in _ARCHITECTURE if key in trained_with}
+        # Shapes alone miss a different head count or backbone of the same width: compare the saved arguments.
+        differs = [key for key, value in architecture.items() if _plain(value) != _plain(self.hparams[key])]
+        problem = _state_dict_mismatch(self.model.state_dict(), state)
+        if differs:
+            problem = "; ".join(f"{key}={architecture[key]!r} there, {self.hparams[key]!r} here" for key in differs)
+        if problem:
+            msg = (
+                f"adtr_checkpoint '{path}' does not fit this ADTRPlus model ({problem}). Build ADTRPlus with the "
+                "same backbone, layers, transformer sizes and image size as the ADTR model"
+                + (f"; the checkpoint's: {architecture}." if architecture else ".")
+            )
+            raise ValueError(msg)
+        self.model.load_state_dict(state, strict=True)
+        self.adtr_checkpoint_loaded.fill_(True)
+        logger.info("ADTRPlus: started from the ADTR checkpoint '%s'.", path)
+
+    def on_train_start(self) -> None:
+        """Check that the training data fit the supervision before the first step; decide the feature cache."""
+        super().on_train_start()
+        dataset = self._training_dataset()
+        if dataset is None:
+            return
+        has_masks = getattr(dataset, "task", None) == TaskType.SEGMENTATION
+        if self.hparams.supervision == "pixel" and not has_masks:
+            msg = (
+                "supervision='pixel' needs pixel masks, but the training data have none (classification task). "
+                "Give masks (FolderWithAnomalies train_mask_dir, a test split with masks) or use "
+                "supervision='image' / 'auto'."
+            )
+            raise ValueError(msg)
+        samples = getattr(dataset, "samples", None)
+        has_anomalies = samples is not None and bool((samples["label_index"] == 1).any())
+        if not has_anomalies and not getattr(dataset, "varies_between_epochs", False):
+            logger.warning(
+                "ADTRPlus: the training data hold no anomalies, so it trains on normal images only. Add some with "
+                "adtr_anomalib.data.FolderWithAnomalies or WithAnomalies (move_from_test, synthetic_anomalies)."
+            )
+
+    def _training_dataset(self) -> Any:
+        trainer = getattr(self, "_trainer", None)
+        dataset = getattr(getattr(trainer, "datamodule", None), "train_data", None)
+        if dataset is None:
+            dataset = getattr(getattr(trainer, "train_dataloader", None), "dataset", None)
+        return dataset
+
+    def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """One optimisation step on ``L_px`` (masks) or ``L_img`` (labels)."""
+        del args, kwargs
+        features = self.training_features(batch)
+        error = pseudo_huber_error(features, self.reconstruct_for_training(features))
+        labels = batch.gt_label.float() if batch.gt_label is not None else torch.zeros(len(error), device=error.device)
+        token_labels = None
+        if self.hparams.supervision != "image" and batch.gt_mask is not None:
+            token_labels = masks_to_token_labels(batch.gt_mask, error.shape[-2:], self.hparams.mask_threshold)
+            labels = torch.maximum(labels, token_labels.flatten(1).amax(dim=1))
+        elif self.hparams.supervision == "pixel":
+            msg = "supervision='pixel' but this training batch has no masks (gt_mask is None)."
+            raise ValueError(msg)
+        loss = self.loss(error, labels, token_labels)
+        check_finite(loss, self.global_step)
+        self.log("train_loss", loss.detach(), on_step=False, on_epoch=True, prog_bar=True, batch_size=len(error))
+        return {"loss": loss}
+
+
+def _state_dict_mismatch(expected: dict[str, torch.Tensor], given: dict[str, Any]) -> str:
+    """One line on how ``given`` differs from ``expected`` (empty when it loads), instead of torch's long list."""
+    missing = sorted(expected.keys() - given.keys())
+    unexpected = sorted(given.keys() - expected.keys())
+    wrong_shape = [
+        f"{key}: {tuple(getattr(given[key], 'shape', ()))} in the file, {tuple(value.shape)} here"
+        for key, value in expected.items()
+        if key in given and getattr(given[key], "shape", None) != value.shape
+    ]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensors missing, e.g. {missing[0]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
+    if wrong_shape:
+        parts.append(f"{len(wrong_shape)} with other shapes, e.g. {wrong_shape[0]}")
+    return "; ".join(parts)
+
+
+def _plain(value: Any) -> Any:
+    """Tuples and lists compare equal (hyper-parameters come back from checkpoints as lists)."""
+    return list(value) if isinstance(value, tuple | list) else value

@@ -1,0 +1,49 @@
+"""Shared test set-up: offline, few threads, and small models."""
+
+from __future__ import annotations
+
+import os
+
+# Set before anything imports huggingface_hub/timm, so a missed download fails fast instead of hanging.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+# Where the real defect data lives (CI has ../shared beside the clone). Override with ADTR_SHARED_DATA.
+SHARED_DATA = Path(os.environ.get("ADTR_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+# Tiny transformer sizes for fast tests; the architecture is the same as the paper's.
+TINY = {"hidden_dim": 32, "num_encoder_layers": 1, "num_decoder_layers": 1, "num_heads": 4, "ffn_dim": 64}
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def bsdata_root() -> Path:
+    """The real BSData pitting set; CI provides it beside the clone."""
+    root = SHARED_DATA / "bsdata_pitting"
+    if not (root / "train" / "good").is_dir():
+        pytest.fail(f"Real data not found at {root}. Set ADTR_SHARED_DATA to the folder holding bsdata_pitting.")
+    return root
+
+
+@pytest.fixture(scope="session")
+def textures_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small built-in texture dataset (brick), generated once per session."""
+    from adtr_anomalib.data import make_texture_dataset
+
+    return make_texture_dataset(
+        tmp_path_factory.mktemp("textures"),
+        "brick",
+        image_size=128,
+        n_train=48,
+        n_test_good=12,
+        n_test_defect_per_type=4,
+    )

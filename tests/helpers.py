@@ -1,0 +1,63 @@
+"""Small helpers shared by the training tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from anomalib.engine import Engine
+from sklearn.metrics import roc_auc_score
+
+from adtr_anomalib import ADTR
+from adtr_anomalib.data import mvtec_layout_folder
+
+
+def small_adtr(image_size: int = 128, **kwargs: object) -> ADTR:
+    """Lite0 ADTR with a small transformer, for fast tests."""
+    options = {
+        "backbone": "tf_efficientnet_lite0",
+        "hidden_dim": 64,
+        "num_encoder_layers": 1,
+        "num_decoder_layers": 1,
+        "num_heads": 4,
+        "ffn_dim": 128,
+        "lr": 1e-3,
+        "lr_schedule": "cosine",
+        "visualizer": False,
+        "pre_processor": ADTR.configure_pre_processor((image_size, image_size), backbone="tf_efficientnet_lite0"),
+    }
+    options.update(kwargs)
+    return ADTR(**options)
+
+
+def fit(model: ADTR, root: Path, epochs: int, out: Path, **engine_kwargs: object) -> Engine:
+    """Train with anomalib's Engine on an MVTec-layout folder."""
+    datamodule = mvtec_layout_folder(root, train_batch_size=8, eval_batch_size=8, seed=0)
+    engine = Engine(max_epochs=epochs, default_root_dir=out, logger=False, **engine_kwargs)
+    engine.fit(model=model, datamodule=datamodule)
+    return engine
+
+
+@torch.no_grad()
+def raw_aurocs(model: ADTR, root: Path) -> tuple[float, float]:
+    """Image and pixel AUROC from the model's raw scores (rank-based, so no normalisation is needed)."""
+    datamodule = mvtec_layout_folder(root, eval_batch_size=8)
+    datamodule.setup()
+    model.eval()
+    scores, labels, maps, masks = [], [], [], []
+    for batch in datamodule.test_dataloader():
+        out = model.model(model.pre_processor(batch.image))
+        scores.append(out.pred_score)
+        labels.append(batch.gt_label)
+        size = out.anomaly_map.shape[-2:]
+        gt = torch.nn.functional.interpolate(batch.gt_mask[:, None].float(), size=size, mode="nearest")
+        maps.append(out.anomaly_map.flatten())
+        masks.append(gt.flatten() > 0.5)
+    image = roc_auc_score(torch.cat(labels).numpy(), torch.cat(scores).numpy())
+    pixel = roc_auc_score(torch.cat(masks).numpy(), torch.cat(maps).numpy())
+    return float(image), float(pixel)
+
+
+def state_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k].cpu().numpy(), b[k].cpu().numpy()) for k in a)

@@ -1,0 +1,122 @@
+"""ADTR is found by anomalib after a plain wheel install, with no user imports, through the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+PY = f"python{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def _run(cmd: list[str], env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "ADTR_ANOMALIB_NO_AUTOLOAD"}}
+    # Run outside the repository, so `python -c` cannot import the development tree from the current folder.
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env={**base, **(env or {})}, cwd=Path(cmd[0]).parent
+    )
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("dist")
+    result = _run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(out), str(REPO)]
+    )
+    assert result.returncode == 0, result.stderr
+    (path,) = out.glob("adtr_anomalib-*.whl")
+    return path
+
+
+def _fresh_venv(root: Path, wheel: Path, with_dependencies: bool) -> Path:
+    """A new venv with our wheel installed normally; dependencies visible through a plain path entry.
+
+    A path line in a .pth file adds the directory without processing the .pth files in it, so the
+    development install beside the dependencies stays invisible: only the wheel's own hook can register ADTR.
+    """
+    venv = root / "venv"
+    assert _run([sys.executable, "-m", "venv", "--without-pip", str(venv)]).returncode == 0
+    site = venv / "lib" / PY / "site-packages"
+    result = _run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--target", str(site), str(wheel)]
+    )
+    assert result.returncode == 0, result.stderr
+    if with_dependencies:
+        (site / "zz_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+        # The real `anomalib` console script, pointed at the new interpreter.
+        script = Path(sys.executable).parent / "anomalib"
+        lines = script.read_text().splitlines()
+        (venv / "bin" / "anomalib").write_text("\n".join([f"#!{venv / 'bin' / 'python'}", *lines[1:]]) + "\n")
+        (venv / "bin" / "anomalib").chmod(0o755)
+    return venv
+
+
+@pytest.fixture(scope="module")
+def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _fresh_venv(tmp_path_factory.mktemp("full"), wheel, with_dependencies=True)
+
+
+def test_wheel_holds_the_startup_hook(wheel: Path) -> None:
+    import zipfile
+
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "adtr_anomalib.pth" in names
+    assert "adtr_anomalib_hook.py" in names
+    assert "adtr_anomalib/models/adtr/lightning_model.py" in names
+
+
+@pytest.mark.parametrize("model_arg", ["ADTR", "adtr_anomalib.ADTR"])
+def test_anomalib_cli_resolves_the_model(venv: Path, model_arg: str) -> None:
+    cmd = [str(venv / "bin" / "anomalib"), "train", "--model", model_arg, "--model.backbone", "tf_efficientnet_lite0"]
+    result = _run([*cmd, "--data", "MVTecAD", "--print_config"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "class_path: adtr_anomalib.ADTR" in result.stdout
+    assert "backbone: tf_efficientnet_lite0" in result.stdout
+
+
+def test_python_lookups_find_the_model_without_user_imports(venv: Path) -> None:
+    code = (
+        "import anomalib.models as m, adtr_anomalib\n"
+        "model = m.get_model('adtr', backbone='tf_efficientnet_lite0', pre_trained=False)\n"
+        "print(type(model).__name__, 'ADTR' in m.list_models('pascal'), m.ADTR is type(model))\n"
+        "print(adtr_anomalib.__file__)\n"
+    )
+    result = _run([str(venv / "bin" / "python"), "-c", code])
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, path = result.stdout.strip().splitlines()[-2:]
+    assert first == "ADTR True True"
+    assert path.startswith(str(venv))  # the wheel's copy, not the development tree
+
+
+def test_startup_survives_missing_dependencies(wheel: Path, tmp_path: Path) -> None:
+    venv = _fresh_venv(tmp_path, wheel, with_dependencies=False)  # no torch, no anomalib
+    result = _run([str(venv / "bin" / "python"), "-c", "import sys; print('ok', 'adtr_anomalib' in sys.modules)"])
+    assert result.returncode == 0
+    assert result.stdout.strip() == "ok False"
+    assert result.stderr == ""
+
+
+def test_broken_anomalib_keeps_its_own_error(wheel: Path, tmp_path: Path) -> None:
+    venv = _fresh_venv(tmp_path, wheel, with_dependencies=False)
+    fake = tmp_path / "fake" / "anomalib"
+    (fake / "models").mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "models" / "__init__.py").write_text("raise ImportError('anomalib is broken here')\n")
+    env = {"PYTHONPATH": str(tmp_path / "fake")}
+    assert _run([str(venv / "bin" / "python"), "-c", "print('up')"], env).stdout.strip() == "up"
+    result = _run([str(venv / "bin" / "python"), "-c", "import anomalib.models"], env)
+    assert result.returncode == 1
+    assert "anomalib is broken here" in result.stderr
+
+
+def test_autoload_can_be_switched_off(venv: Path) -> None:
+    code = "import anomalib.models as m, sys; print(hasattr(m, 'ADTR'), 'adtr_anomalib' in sys.modules)"
+    result = _run([str(venv / "bin" / "python"), "-c", code], {"ADTR_ANOMALIB_NO_AUTOLOAD": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "False False"
