@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-DEMO_EPOCHS = 8
+DEMO_EPOCHS = 6
 DEMO_LR = 5e-4
 
 

@@ -7,10 +7,10 @@ import os
 # Set before anything imports huggingface_hub/timm, so a missed download fails fast instead of hanging.
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 # Where the real defect data lives (CI has ../shared beside the clone). Override with ADTR_SHARED_DATA.

@@ -67,7 +67,6 @@ def test_query_attention_avoids_the_identity_shortcut(textures_root: Path) -> No
     torch.manual_seed(0)
     backbone = ADTRModel("tf_efficientnet_lite0", input_size=(SIZE, SIZE), feature_stride=STRIDE).eval()
     train = _features(backbone, textures_root / "train" / "good")
-    normal = _features(backbone, textures_root / "test" / "good")
     defects, defect_cells = _defect_maps(backbone, textures_root)
     assert defect_cells.sum() >= 20
     channels, grid = train.shape[1], train.shape[-1]

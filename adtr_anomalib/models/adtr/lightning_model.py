@@ -285,5 +285,5 @@ class ADTR(ADTRLightningMixin, AnomalibModule):
         features = self.training_features(batch)
         loss = self.loss(features, self.reconstruct_for_training(features))
         check_finite(loss, self.global_step)
-        self.log("train_loss", loss.detach(), on_step=False, on_epoch=True, prog_bar=True, logger=True)
+        self.log("train_loss", loss.detach(), on_step=False, on_epoch=True, prog_bar=True, batch_size=len(features))
         return {"loss": loss}
