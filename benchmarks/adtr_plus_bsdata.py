@@ -46,19 +46,15 @@ import torch
 from anomalib.data import Folder
 from anomalib.data.utils import LabelName
 from anomalib.engine import Engine
-from anomalib.metrics import AUPRO, AUROC, Evaluator
-from anomalib.models import Padim, Patchcore
 from lightning.pytorch import seed_everything
 
 from adtr_anomalib import ADTR, ADTRPlus
+from adtr_anomalib.benchmark import MALLOC_ENV, METRICS, build_model, markdown_table
 from adtr_anomalib.data import ConfettiNoise, WithAnomalies
-from adtr_anomalib.models.components import load_backbone_weights
+from adtr_anomalib.metrics import inspection_evaluator
 
 REPO = Path(__file__).resolve().parents[1]
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576"}
 BACKBONE = "tf_efficientnet_lite0"
-BASELINE_LAYERS = ["blocks.2", "blocks.4"]
-METRICS = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -218,13 +214,7 @@ class Runner:
         """Pre-processing and metrics every model gets."""
 
         size = (self.args.image_size, self.args.image_size)
-        evaluator = Evaluator(
-            test_metrics=[
-                AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
-                AUROC(fields=["anomaly_map", "gt_mask"], prefix="pixel_"),
-                AUPRO(fields=["anomaly_map", "gt_mask"], prefix="pixel_", fpr_limit=0.3),
-            ],
-        )
+        evaluator = inspection_evaluator()
         return {"pre_processor": ADTR.configure_pre_processor(size, backbone=BACKBONE), "evaluator": evaluator}
 
     def _adtr_options(self) -> dict[str, Any]:
@@ -239,17 +229,8 @@ class Runner:
         return ADTRPlus(adtr_checkpoint=self.adtr_checkpoint, supervision="pixel", **self._adtr_options())
 
     def _baseline(self, name: str) -> Any:
-        """PaDiM/PatchCore with random weights replaced by the same offline Lite0 weights ADTR uses."""
-
-        if name == "padim":
-            # n_features must be given for backbones anomalib has no default for; 100 of 152 channels.
-            model = Padim(backbone=BACKBONE, layers=BASELINE_LAYERS, pre_trained=False, n_features=100,
-                          **self._shared())  # fmt: skip
-        else:
-            model = Patchcore(backbone=BACKBONE, layers=BASELINE_LAYERS, pre_trained=False,
-                              coreset_sampling_ratio=self.args.coreset_ratio, **self._shared())  # fmt: skip
-        load_backbone_weights(model.model.feature_extractor.feature_extractor, BACKBONE)
-        return model
+        """PaDiM/PatchCore built exactly as in ``adtr_anomalib.benchmark`` (same Lite0 weights and pre-processing)."""
+        return build_model(name, BACKBONE, self.args.image_size, coreset_sampling_ratio=self.args.coreset_ratio)
 
     def _fit_test(
         self, label: str, model: Any, datamodule: Any, epochs: int, anomalies: str, start: str = "ImageNet"
@@ -318,15 +299,6 @@ class BenchmarkData(WithAnomalies):
             ]
             self.test_data = self.test_data.subsample(sorted(keep))
             self.val_data = copy.deepcopy(self.test_data)
-
-
-def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Rows as a Markdown table; metrics with three decimals."""
-    columns = list(rows[0])
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        lines.append("| " + " | ".join(f"{row[c]:.3f}" if c in METRICS else str(row[c]) for c in columns) + " |")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":
