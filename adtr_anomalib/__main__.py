@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-DEMO_EPOCHS = 6
+DEMO_EPOCHS = 4
 DEMO_LR = 5e-4
 
 

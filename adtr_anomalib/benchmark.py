@@ -114,6 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--backbone", default="tf_efficientnet_lite0")
+    parser.add_argument("--coreset-ratio", type=float, default=0.01, help="PatchCore coreset (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=Path("results/benchmark"), help="results and CSV folder")
     return parser
@@ -131,7 +132,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in args.models:
         seed_everything(args.seed, workers=True)
         datamodule = mvtec_layout_folder(root, train_batch_size=args.batch_size, eval_batch_size=args.batch_size)
-        options = {"lr": args.lr, "lr_schedule": "cosine"} if name == "adtr" else {}
+        options = {
+            "adtr": {"lr": args.lr, "lr_schedule": "cosine"},
+            "patchcore": {"coreset_sampling_ratio": args.coreset_ratio},
+        }
+        options = options.get(name, {})
         model = build_model(name, args.backbone, args.image_size, **options)
         epochs = args.epochs if name == "adtr" else 1
         result = run_job(model, datamodule, epochs, args.output)
