@@ -105,6 +105,19 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def write_csv(rows: Sequence[dict[str, Any]], folder: Path) -> Path:
+    """Write ``rows`` to ``folder/results.csv``, or ``results_<n>.csv`` if that exists: earlier results are kept."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path, n = folder / "results.csv", 1
+    while path.exists():
+        path, n = folder / f"results_{n}.csv", n + 1
+    with path.open("x", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m adtr_anomalib.benchmark", description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, help="MVTec-layout folder (default: built-in 'brick' textures)")
@@ -142,12 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = run_job(model, datamodule, epochs, args.output)
         rows.append({"model": name, **result, "epochs": epochs})
         print(markdown_table(rows[-1:]), flush=True)
-    args.output.mkdir(parents=True, exist_ok=True)
-    csv_path = args.output / "results.csv"
-    with csv_path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    csv_path = write_csv(rows, args.output)
     print(f"\n{markdown_table(rows)}\n\nCSV: {csv_path}")
     return 0
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import math
 import os
 import sys
@@ -49,7 +48,7 @@ from anomalib.engine import Engine
 from lightning.pytorch import seed_everything
 
 from adtr_anomalib import ADTR, ADTRPlus
-from adtr_anomalib.benchmark import MALLOC_ENV, METRICS, build_model, markdown_table
+from adtr_anomalib.benchmark import MALLOC_ENV, METRICS, build_model, markdown_table, write_csv
 from adtr_anomalib.data import ConfettiNoise, WithAnomalies
 from adtr_anomalib.metrics import inspection_evaluator
 
@@ -129,12 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runner = Runner(args, data)
     rows = [row for name in args.models for row in runner.run(name)]
     table = markdown_table(rows)
-    args.output.mkdir(parents=True, exist_ok=True)
-    csv_path = args.output / "results.csv"
-    with csv_path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    csv_path = write_csv(rows, args.output)
     print(f"\n{runner.describe()}\n\n{table}\n\nCSV: {csv_path}")
     return 0
 

@@ -31,3 +31,13 @@ def test_markdown_table_formats_metrics_and_seconds() -> None:
         "|---|---|---|---|",
         "| adtr | 0.977 | 13 | 3 |",
     ]
+
+
+def test_results_csv_never_overwrites_earlier_results(tmp_path) -> None:
+    from adtr_anomalib.benchmark import write_csv
+
+    first = write_csv([{"model": "adtr", "pixel_AUROC": 0.9}], tmp_path)
+    second = write_csv([{"model": "padim", "pixel_AUROC": 0.8}], tmp_path)
+    assert (first.name, second.name) == ("results.csv", "results_1.csv")
+    assert "adtr" in first.read_text()
+    assert "padim" in second.read_text()

@@ -39,6 +39,19 @@ logger = logging.getLogger(__name__)
 __all__ = ["ADTR"]
 
 LRSchedule = Literal["step", "cosine"]
+# Constructor arguments of ADTR and ADTR+ that define the shared network (`ADTRModel`).
+MODEL_ARGUMENTS = (
+    "backbone",
+    "layers",
+    "feature_stride",
+    "hidden_dim",
+    "num_encoder_layers",
+    "num_decoder_layers",
+    "num_heads",
+    "ffn_dim",
+    "dropout",
+    "pooling_kernel",
+)
 
 
 class ADTRLightningMixin:
@@ -51,15 +64,19 @@ class ADTRLightningMixin:
     model: ADTRModel
     hparams: Any
 
-    def build_adtr(self, lr_schedule: str, **model_kwargs: Any) -> None:
-        """Build the torch model; the backbone weights come later, in `setup`."""
+    def build_adtr(self) -> None:
+        """Build the torch model from the saved constructor arguments; the backbone weights come later, in `setup`."""
+        lr_schedule = self.hparams.lr_schedule
         if lr_schedule not in {"step", "cosine"}:
             msg = f"lr_schedule must be 'step' or 'cosine', got {lr_schedule!r}."
             raise ValueError(msg)
-        self.model: ADTRModel = ADTRModel(pre_trained=False, input_size=self.input_size or (256, 256), **model_kwargs)
-        self._model_kwargs = model_kwargs  # to rebuild the network for a checkpoint's image size
+        self.model: ADTRModel = self._network(self.input_size or (256, 256))
         self._feature_cache: dict[str, torch.Tensor] = {}
         self._use_cache = False
+
+    def _network(self, input_size: tuple[int, int]) -> ADTRModel:
+        """The torch model for ``input_size``, from the saved constructor arguments, without backbone weights."""
+        return ADTRModel(pre_trained=False, input_size=input_size, **{k: self.hparams[k] for k in MODEL_ARGUMENTS})
 
     @classmethod
     def default_pre_processor(cls, pre_processor: nn.Module | bool, backbone: str) -> nn.Module | bool:
@@ -94,7 +111,7 @@ class ADTRLightningMixin:
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
         size = self.input_size
         if size is not None and (int(size[0]), int(size[1])) != self.model.input_size:
-            self.model = ADTRModel(pre_trained=False, input_size=(int(size[0]), int(size[1])), **self._model_kwargs)
+            self.model = self._network((int(size[0]), int(size[1])))
 
     def on_train_start(self) -> None:
         """Decide whether backbone features can be cached: only when every epoch sees the same inputs."""
@@ -264,19 +281,7 @@ class ADTR(ADTRLightningMixin, AnomalibModule):
             evaluator=evaluator,
             visualizer=visualizer,
         )
-        self.build_adtr(
-            backbone=backbone,
-            layers=layers,
-            feature_stride=feature_stride,
-            hidden_dim=hidden_dim,
-            num_encoder_layers=num_encoder_layers,
-            num_decoder_layers=num_decoder_layers,
-            num_heads=num_heads,
-            ffn_dim=ffn_dim,
-            dropout=dropout,
-            pooling_kernel=pooling_kernel,
-            lr_schedule=lr_schedule,
-        )
+        self.build_adtr()
         self.loss = ADTRLoss(reduction=loss_reduction)
 
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:

@@ -126,19 +126,7 @@ class ADTRPlus(ADTRLightningMixin, AnomalibModule):
             evaluator=evaluator,
             visualizer=visualizer,
         )
-        self.build_adtr(
-            backbone=backbone,
-            layers=layers,
-            feature_stride=feature_stride,
-            hidden_dim=hidden_dim,
-            num_encoder_layers=num_encoder_layers,
-            num_decoder_layers=num_decoder_layers,
-            num_heads=num_heads,
-            ffn_dim=ffn_dim,
-            dropout=dropout,
-            pooling_kernel=pooling_kernel,
-            lr_schedule=lr_schedule,
-        )
+        self.build_adtr()
         self.loss = ADTRPlusLoss(alpha=alpha, k=k)
         # Saved with the model: a trained ADTR+ model restored from its own checkpoint must not be reset to
         # the ADTR starting point when it is trained further.
