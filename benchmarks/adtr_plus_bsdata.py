@@ -81,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
         help="rows to run",
     )
     parser.add_argument("--lr", type=float, default=5e-4, help="ADTR/ADTR+ learning rate (default %(default)s)")
+    parser.add_argument(
+        "--feature-stride", type=int, default=16, help="ADTR/ADTR+ feature-grid stride: 16 (paper) or 8 (finer)"
+    )
     parser.add_argument("--lr-schedule", choices=["step", "cosine"], default="cosine")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=256)
@@ -212,7 +215,13 @@ class Runner:
         return {"pre_processor": ADTR.configure_pre_processor(size, backbone=BACKBONE), "evaluator": evaluator}
 
     def _adtr_options(self) -> dict[str, Any]:
-        return {"backbone": BACKBONE, "lr": self.args.lr, "lr_schedule": self.args.lr_schedule, **self._shared()}
+        return {
+            "backbone": BACKBONE,
+            "feature_stride": self.args.feature_stride,
+            "lr": self.args.lr,
+            "lr_schedule": self.args.lr_schedule,
+            **self._shared(),
+        }
 
     def _adtr(self) -> Any:
 
@@ -230,6 +239,7 @@ class Runner:
         self, label: str, model: Any, datamodule: Any, epochs: int, anomalies: str, start: str = "ImageNet"
     ) -> dict[str, Any]:
         seed_everything(self.args.seed, workers=True)
+        model.visualizer = None  # the report needs metrics, not a heat map of every test image for every row
         limits = {} if self.args.limit_train_batches is None else {"limit_train_batches": self.args.limit_train_batches}
         root = self.args.output / label.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "plus")
         # Validate (for the post-processor's normalisation statistics) once, after the last epoch: the validation
