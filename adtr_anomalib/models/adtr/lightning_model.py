@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -112,6 +113,38 @@ class ADTRLightningMixin:
         size = self.input_size
         if size is not None and (int(size[0]), int(size[1])) != self.model.input_size:
             self.model = self._network((int(size[0]), int(size[1])))
+        self._match_evaluator_state(checkpoint)
+
+    def _match_evaluator_state(self, checkpoint: dict[str, Any]) -> None:
+        """Let a checkpoint load whatever evaluator it was trained with.
+
+        The evaluator is not a hyper-parameter, so ``load_from_checkpoint`` (and ``anomalib export/predict
+        --ckpt_path``) builds the default one; a model trained with other metrics (e.g. AUPRO, whose
+        ``fpr_limit`` is a saved buffer) would then fail the strict state-dict load. Metric buffers carry no
+        learned state, so the current evaluator's own values replace the saved ones.
+        """
+        saved = checkpoint.get("state_dict")
+        if saved is None:
+            return
+        current = {key: value for key, value in self.state_dict().items() if key.startswith("evaluator.")}
+        for key in [key for key in saved if key.startswith("evaluator.") and key not in current]:
+            del saved[key]
+        for key, value in current.items():
+            saved.setdefault(key, value)
+
+    def to_torch(self, export_root: Path | str, model_file_name: str = "model") -> Path:
+        """anomalib's torch export, saved with every parameter frozen.
+
+        ``TorchInferencer`` calls the model without ``torch.no_grad``; with frozen parameters no autograd graph
+        is built for each image. The live model's flags are restored afterwards (export can happen mid-training).
+        """
+        flags = {name: parameter.requires_grad for name, parameter in self.named_parameters()}  # type: ignore[attr-defined]
+        self.requires_grad_(False)  # type: ignore[attr-defined]
+        try:
+            return super().to_torch(export_root, model_file_name)  # type: ignore[misc]
+        finally:
+            for name, parameter in self.named_parameters():  # type: ignore[attr-defined]
+                parameter.requires_grad_(flags[name])
 
     def on_train_start(self) -> None:
         """Decide whether backbone features can be cached: only when every epoch sees the same inputs."""
