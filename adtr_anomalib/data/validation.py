@@ -235,8 +235,9 @@ def check_dataset_files(datasets: Iterable[Any]) -> None:
         if samples is None or "image_path" not in samples:
             continue
         segmentation = samples.attrs.get("task") == TaskType.SEGMENTATION
-        masks = samples["mask_path"] if "mask_path" in samples else pd.Series([""] * len(samples))
-        for image_path, mask_path, label in zip(samples["image_path"], masks, samples["label_index"], strict=True):
+        masks = samples["mask_path"] if "mask_path" in samples else [""] * len(samples)
+        labels = samples["label_index"] if "label_index" in samples else [pd.NA] * len(samples)
+        for image_path, mask_path, label in zip(samples["image_path"], masks, labels, strict=True):
             image_path, mask_path = str(image_path), str(mask_path or "")
             if (image_path, mask_path) in seen:
                 continue
@@ -244,7 +245,7 @@ def check_dataset_files(datasets: Iterable[Any]) -> None:
             image = Path(image_path)
             size, problem = _check(image, ("image",), _inspect, "image")
             problems += [problem] if problem else []
-            if not segmentation or label != LabelName.ABNORMAL:
+            if not segmentation or pd.isna(label) or int(label) != LabelName.ABNORMAL:
                 continue
             if mask_path in {"", "nan"}:
                 problems.append(
