@@ -7,7 +7,8 @@ and a grey-level mask counts every non-zero pixel as a defect. anomalib's ``Fold
 by sorted file name, and a missing or extra mask gives a ``MisMatchError`` (or a pandas error) that names no
 file.
 
-Two checks, both run before training by ADTR and ADTR+ (and by :func:`~adtr_anomalib.data.mvtec_layout_folder`):
+Two checks, both run before training by ADTR and ADTR+ (the first also by
+:func:`~adtr_anomalib.data.mvtec_layout_folder`):
 
 * :func:`check_folder_layout`: folders of a ``Folder`` datamodule hold images, and masks pair with images,
   checked before anomalib reads them (model ``prepare_data``);
@@ -139,13 +140,14 @@ def check_folder_layout(datamodule: Any) -> None:
     def images(value: str | Path | Sequence[str | Path] | None) -> list[Path]:
         return [path for folder in folders(value) for path in list_images(folder, datamodule.extensions)]
 
+    extensions = sorted(datamodule.extensions or IMG_EXTENSIONS)
     for folder in folders(datamodule.normal_dir):
-        if not list_images(folder, datamodule.extensions):
+        if not list_images(folder, extensions):
             others = sorted(p.name for p in folder.iterdir() if p.is_file())[:3]
             msg = (
                 f"The training folder '{folder}' (normal_dir) holds no images"
                 + (f", only other files such as {others}" if others else "")
-                + f". Put the normal training images there (extensions {sorted(IMG_EXTENSIONS)})."
+                + f". Put the normal training images there (extensions {extensions})."
             )
             raise DataError(msg)
     pairs = [(datamodule.abnormal_dir, datamodule.mask_dir)]
