@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from anomalib.engine import Engine
+from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from adtr_anomalib import ADTR
@@ -61,3 +62,48 @@ def raw_aurocs(model: ADTR, root: Path) -> tuple[float, float]:
 
 def state_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(np.array_equal(a[k].cpu().numpy(), b[k].cpu().numpy()) for k in a)
+
+
+def save_image(path: Path, array: np.ndarray, mode: str | None = None) -> Path:
+    """Write ``array`` as an image file (format from the suffix), creating the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array, mode).save(path)
+    return path
+
+
+def make_folder(root: Path, n_train: int = 8, n_test: int = 2, size: int = 32, masks: bool = True) -> Path:
+    """A tiny MVTec-layout folder of noise images; defect images carry a bright square, masks are 0/255 PNGs."""
+    rng = np.random.default_rng(0)
+
+    def noise() -> np.ndarray:
+        return rng.integers(0, 200, (size, size, 3), dtype=np.uint8)
+
+    for i in range(n_train):
+        save_image(root / "train" / "good" / f"{i:03d}.png", noise())
+    for i in range(n_test):
+        save_image(root / "test" / "good" / f"{i:03d}.png", noise())
+        defect, mask = noise(), np.zeros((size, size), np.uint8)
+        defect[size // 4 : size // 2, size // 4 : size // 2] = mask[size // 4 : size // 2, size // 4 : size // 2] = 255
+        save_image(root / "test" / "defect" / f"{i:03d}.png", defect)
+        if masks:
+            save_image(root / "ground_truth" / "defect" / f"{i:03d}_mask.png", mask)
+    return root
+
+
+def tiny_adtr(**kwargs: object) -> ADTR:
+    """32-px ADTR on two Lite0 stages with a one-layer 32-wide transformer: a training step takes milliseconds."""
+    options = {
+        "layers": ["blocks.1", "blocks.2"],
+        "feature_stride": 8,
+        "pooling_kernel": 8,
+        "hidden_dim": 32,
+        "ffn_dim": 64,
+        "evaluator": False,
+    }
+    return small_adtr(image_size=32, **{**options, **kwargs})
+
+
+def tiny_engine(out: Path, **kwargs: object) -> Engine:
+    """A quiet CPU Engine writing under ``out``."""
+    options = {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": False}
+    return Engine(default_root_dir=out, enable_model_summary=False, **{**options, **kwargs})

@@ -123,6 +123,20 @@ def test_normalisation_comes_from_the_backbone() -> None:
         ({"pooling_kernel": 300}, r"pooling_kernel \(300\)"),
         ({"lr_schedule": "linear"}, r"lr_schedule must be"),
         ({"loss_reduction": "max"}, r"loss_reduction must be"),
+        ({"lr": 0.0}, r"lr must be a finite number > 0"),
+        ({"lr": float("nan")}, r"lr must be a finite number > 0"),
+        ({"weight_decay": -1e-4}, r"weight_decay one >= 0"),
+    ],
+    ids=[
+        "unknown backbone",
+        "stage the backbone does not have",
+        "hidden size not divisible by head count",
+        "pooling kernel larger than the map",
+        "unknown lr schedule",
+        "unknown loss reduction",
+        "zero lr",
+        "NaN lr",
+        "negative weight decay",
     ],
 )
 def test_bad_configuration_is_rejected_up_front(kwargs: dict, message: str) -> None:

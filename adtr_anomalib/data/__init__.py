@@ -4,7 +4,8 @@
 * a ``Folder`` datamodule for any MVTec-layout folder (:func:`mvtec_layout_folder`);
 * anomalies in the training set for ADTR+: :class:`FolderWithAnomalies`, :class:`WithAnomalies`,
   :func:`move_test_anomalies_to_train`;
-* on-the-fly synthetic anomalies: :class:`ConfettiNoise`, :class:`AnomalyInjectionDataset`.
+* on-the-fly synthetic anomalies: :class:`ConfettiNoise`, :class:`AnomalyInjectionDataset`;
+* up-front checks of image and mask files that name the bad file (:mod:`adtr_anomalib.data.validation`).
 """
 
 from adtr_anomalib.data.anomalies import (
@@ -16,15 +17,19 @@ from adtr_anomalib.data.anomalies import (
 from adtr_anomalib.data.folder import mvtec_layout_folder
 from adtr_anomalib.data.synthetic import AnomalyInjectionDataset, ConfettiNoise
 from adtr_anomalib.data.textures import DEFECT_TYPES, TEXTURE_CATEGORIES, default_dataset_root, make_texture_dataset
+from adtr_anomalib.data.validation import DataError, check_datamodule_files, check_folder_layout
 
 __all__ = [
     "DEFECT_TYPES",
     "TEXTURE_CATEGORIES",
     "AnomalyInjectionDataset",
     "ConfettiNoise",
+    "DataError",
     "FolderWithAnomalies",
     "WithAnomalies",
     "add_training_anomalies",
+    "check_datamodule_files",
+    "check_folder_layout",
     "default_dataset_root",
     "make_texture_dataset",
     "move_test_anomalies_to_train",

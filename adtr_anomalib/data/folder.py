@@ -13,11 +13,11 @@ from typing import Any
 from anomalib.data import Folder
 from anomalib.data.utils import ValSplitMode
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+from adtr_anomalib.data.validation import check_folder_layout, list_images
 
 
 def _has_images(folder: Path) -> bool:
-    return folder.is_dir() and any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir())
+    return bool(list_images(folder))
 
 
 def mvtec_layout_folder(root: str | Path, name: str | None = None, **kwargs: Any) -> Folder:
@@ -29,6 +29,7 @@ def mvtec_layout_folder(root: str | Path, name: str | None = None, **kwargs: Any
 
     Raises:
         FileNotFoundError: ``root`` or ``root/train/good`` is missing or holds no images.
+        DataError: Masks do not pair with the defect images (see :func:`check_folder_layout`).
     """
     root = Path(root).expanduser().resolve()
     train = root / "train" / "good"
@@ -48,7 +49,7 @@ def mvtec_layout_folder(root: str | Path, name: str | None = None, **kwargs: Any
         raise FileNotFoundError(msg)
     options: dict[str, Any] = {"val_split_mode": ValSplitMode.SAME_AS_TEST, "num_workers": 0}
     options.update(kwargs)
-    return Folder(
+    datamodule = Folder(
         name=name or root.name,
         root=root,
         normal_dir=train,
@@ -57,3 +58,5 @@ def mvtec_layout_folder(root: str | Path, name: str | None = None, **kwargs: Any
         mask_dir=masks if with_masks else None,
         **options,
     )
+    check_folder_layout(datamodule)
+    return datamodule

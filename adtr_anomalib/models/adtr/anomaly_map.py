@@ -24,8 +24,14 @@ class AnomalyMapGenerator(nn.Module):
 
     @staticmethod
     def compute_distance(features: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
-        """Per-position L2 distance over channels: ``(B, C, h, w) -> (B, 1, h, w)``."""
-        return torch.linalg.vector_norm(features - reconstruction, ord=2, dim=1, keepdim=True)
+        """Per-position L2 distance over channels: ``(B, C, h, w) -> (B, 1, h, w)``.
+
+        Scaled by the largest difference first: ``vector_norm`` squares its input, which overflows to inf for
+        differences above ~1e19 in fp32 (a diverged model). No branches, so it still exports.
+        """
+        difference = features - reconstruction
+        scale = difference.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(difference.dtype).tiny)
+        return scale * torch.linalg.vector_norm(difference / scale, ord=2, dim=1, keepdim=True)
 
     def compute_anomaly_map(
         self,

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+import random
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from anomalib import LearningType
 from anomalib.data import Batch
@@ -26,10 +28,12 @@ from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
+from adtr_anomalib.data.validation import check_datamodule_files, check_dataset_files, check_folder_layout
 from adtr_anomalib.models.components import backbone_normalization
 
 from .loss import ADTRLoss, LossReduction
@@ -53,6 +57,8 @@ MODEL_ARGUMENTS = (
     "dropout",
     "pooling_kernel",
 )
+# Checkpoint entry holding the random number generators' state, so a resumed run continues exactly.
+RNG_STATE_KEY = "adtr_rng_state"
 
 
 class ADTRLightningMixin:
@@ -70,6 +76,10 @@ class ADTRLightningMixin:
         lr_schedule = self.hparams.lr_schedule
         if lr_schedule not in {"step", "cosine"}:
             msg = f"lr_schedule must be 'step' or 'cosine', got {lr_schedule!r}."
+            raise ValueError(msg)
+        lr, weight_decay = self.hparams.lr, self.hparams.weight_decay
+        if not (math.isfinite(lr) and lr > 0 and math.isfinite(weight_decay) and weight_decay >= 0):
+            msg = f"lr must be a finite number > 0 and weight_decay one >= 0, got lr={lr}, weight_decay={weight_decay}."
             raise ValueError(msg)
         self.model: ADTRModel = self._network(self.input_size or (256, 256))
         self._feature_cache: dict[str, torch.Tensor] = {}
@@ -94,13 +104,36 @@ class ADTRLightningMixin:
         mean, std = backbone_normalization(backbone)
         return PreProcessor(transform=Compose([Resize(image_size or (256, 256), antialias=True), Normalize(mean, std)]))
 
+    def prepare_data(self) -> None:
+        """Check a ``Folder`` datamodule's folders (masks pair with images) before anomalib reads them."""
+        check_folder_layout(getattr(getattr(self, "_trainer", None), "datamodule", None))
+
     def setup(self, stage: str) -> None:
-        """Load ImageNet backbone weights before the first real use, unless a checkpoint provides them."""
-        del stage
+        """Check every image and mask file, then load the weights training starts from.
+
+        The file check runs before anything slow (downloads, checkpoints), so a corrupt image stops the run at
+        once, with its name.
+        """
+        check_datamodule_files(getattr(getattr(self, "_trainer", None), "datamodule", None))
+        self.load_weights(stage)
+
+    def load_weights(self, stage: str) -> None:
+        """ImageNet backbone weights before training, unless a checkpoint being resumed provides them.
+
+        Only for ``fit``: to test or predict, the weights come from the checkpoint or the training that just ran,
+        and ``anomalib predict --model ADTR --ckpt_path ...`` must not download the default backbone's weights.
+        """
         trainer = getattr(self, "_trainer", None)
         resuming = trainer is not None and trainer.ckpt_path is not None
-        if self.hparams.pre_trained and not resuming and not bool(self.model.backbone_weights_loaded):
+        if stage != "fit" or resuming:
+            return
+        if self.hparams.pre_trained and not bool(self.model.backbone_weights_loaded):
             self.model.load_backbone_weights(self.hparams.weights)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Also save the random number generators, so a run resumed from this checkpoint continues exactly."""
+        super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
+        checkpoint[RNG_STATE_KEY] = rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the saved pre-processor, then rebuild the network if its image size differs.
@@ -108,12 +141,39 @@ class ADTRLightningMixin:
         ``load_from_checkpoint`` builds the model before the saved pre-processor is restored (it is not a
         hyper-parameter), i.e. for 256x256; a model trained at another size would then not load, because its
         query and positional embeddings have one entry per feature-grid position.
+
+        A resumed ``fit`` also continues the saved random sequence (the same shuffles and dropout as without the
+        break). It must happen here: Lightning builds the first epoch's data iterator, drawing its shuffle, in
+        ``configure_optimizers`` (``estimated_stepping_batches``), before any later hook. A plain load, or a test
+        from a checkpoint, leaves the caller's generators alone.
         """
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
         size = self.input_size
-        if size is not None and (int(size[0]), int(size[1])) != self.model.input_size:
-            self.model = self._network((int(size[0]), int(size[1])))
+        size = (int(size[0]), int(size[1])) if size is not None else self.model.input_size
+        if self._adopt_network_arguments(checkpoint) or size != self.model.input_size:
+            self.model = self._network(size)
         self._match_evaluator_state(checkpoint)
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING and RNG_STATE_KEY in checkpoint:
+            set_rng_state(checkpoint[RNG_STATE_KEY])
+
+    def _adopt_network_arguments(self, checkpoint: dict[str, Any]) -> bool:
+        """Take the network's arguments from the checkpoint when they differ from this model's.
+
+        ``anomalib predict/test --model ADTR --ckpt_path ...`` builds ADTR from its defaults (EfficientNet-B4),
+        then Lightning loads the checkpoint into it; a model trained with another backbone or size would fail
+        the state-dict load. The checkpoint defines the network, so its arguments win.
+        """
+        saved = checkpoint.get("hyper_parameters") or {}
+
+        def normal(value: Any) -> Any:
+            return list(value) if isinstance(value, list | tuple) else value
+
+        changed = {k: saved[k] for k in MODEL_ARGUMENTS if k in saved and normal(saved[k]) != normal(self.hparams[k])}
+        if changed:
+            logger.info("%s: network arguments taken from the checkpoint: %s", type(self).__name__, changed)
+            self.hparams.update(changed)
+        return bool(changed)
 
     def _match_evaluator_state(self, checkpoint: dict[str, Any]) -> None:
         """Let a checkpoint load whatever evaluator it was trained with.
@@ -146,8 +206,20 @@ class ADTRLightningMixin:
             for name, parameter in self.named_parameters():  # type: ignore[attr-defined]
                 parameter.requires_grad_(flags[name])
 
+    def training_dataset(self) -> Any:
+        """The training dataset, from the datamodule or, when fitting with plain dataloaders, from the loader."""
+        trainer = getattr(self, "_trainer", None)
+        dataset = getattr(getattr(trainer, "datamodule", None), "train_data", None)
+        if dataset is None:
+            dataset = getattr(getattr(trainer, "train_dataloader", None), "dataset", None)
+        return dataset
+
     def on_train_start(self) -> None:
-        """Decide whether backbone features can be cached: only when every epoch sees the same inputs."""
+        """Decide whether backbone features can be cached.
+
+        Files of training data given as plain dataloaders (no datamodule, so ``setup`` saw none) are checked here.
+        """
+        check_dataset_files([self.training_dataset()])
         blockers = self.feature_cache_blockers()
         self._use_cache = bool(self.hparams.cache_features) and not blockers
         if self.hparams.cache_features and blockers:
@@ -161,21 +233,24 @@ class ADTRLightningMixin:
         a training dataset that changes images on the fly (it says so with ``varies_between_epochs = True``,
         e.g. the synthetic anomalies of :class:`adtr_anomalib.data.AnomalyInjectionDataset`).
         """
-        trainer = getattr(self, "_trainer", None)
-        datamodule = getattr(trainer, "datamodule", None)
+        datamodule = getattr(getattr(self, "_trainer", None), "datamodule", None)
         blockers = []
         if getattr(datamodule, "train_augmentations", None) is not None:
             blockers.append("the datamodule has training augmentations")
-        dataset = getattr(datamodule, "train_data", None)
-        if dataset is None:  # dataloaders given without a datamodule
-            dataset = getattr(getattr(trainer, "train_dataloader", None), "dataset", None)
-        if getattr(dataset, "varies_between_epochs", False):
+        if getattr(self.training_dataset(), "varies_between_epochs", False):
             blockers.append("the training images change every epoch (on-the-fly synthetic anomalies)")
         return blockers
 
     def on_train_end(self) -> None:
         """Free the feature cache."""
         self._feature_cache.clear()
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Stop before a non-finite gradient reaches the weights: a finite loss can still have one."""
+        del optimizer
+        gradients = [p.grad for p in self.model.reconstructor.parameters() if p.grad is not None]
+        if gradients:
+            check_finite(gradients, self.global_step, "a gradient of the transformer")
 
     def training_features(self, batch: Batch) -> torch.Tensor:
         """Backbone features for a training batch, from the cache when every image of it is there."""
@@ -238,14 +313,38 @@ class ADTRLightningMixin:
         return PostProcessor()
 
 
-def check_finite(loss: torch.Tensor, step: int) -> None:
-    """Stop a diverged run with a clear message instead of training a NaN model."""
-    if not torch.isfinite(loss):
+def check_finite(values: torch.Tensor | Iterable[torch.Tensor], step: int, what: str = "the loss") -> None:
+    """Stop a diverged run with a clear message instead of training a NaN model (one sync for all tensors)."""
+    tensors = [values] if isinstance(values, torch.Tensor) else list(values)
+    if not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
         msg = (
-            f"ADTR training diverged at step {step}: the loss is {loss.item()}. Lower `lr`, use "
+            f"ADTR training diverged at step {step}: {what} is NaN or infinite. Lower `lr`, use "
             "`loss_reduction='mean'`, or set `bf16=False`; check the images for NaN/inf values."
         )
         raise FloatingPointError(msg)
+
+
+def rng_state() -> dict[str, Any]:
+    """torch (CPU and CUDA), numpy and Python random states, in types ``torch.load(weights_only=True)`` reads."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved."""
+    torch.set_rng_state(state["torch"])
+    kind, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class ADTR(ADTRLightningMixin, AnomalibModule):

@@ -132,13 +132,13 @@ class ADTRPlus(ADTRLightningMixin, AnomalibModule):
         # the ADTR starting point when it is trained further.
         self.register_buffer("adtr_checkpoint_loaded", torch.tensor(False))
 
-    def setup(self, stage: str) -> None:
+    def load_weights(self, stage: str) -> None:
         """Load the ADTR starting point (once, before training), then ADTR's backbone weights if still needed."""
         trainer = getattr(self, "_trainer", None)
         resuming = trainer is not None and trainer.ckpt_path is not None
         if self.hparams.adtr_checkpoint and stage == "fit" and not resuming and not bool(self.adtr_checkpoint_loaded):
             self.load_adtr_checkpoint(self.hparams.adtr_checkpoint)
-        super().setup(stage)
+        super().load_weights(stage)
 
     def load_adtr_checkpoint(self, path: str | Path) -> None:
         """Copy the ``ADTRModel`` weights of a trained ADTR into this model.
@@ -184,7 +184,7 @@ class ADTRPlus(ADTRLightningMixin, AnomalibModule):
     def on_train_start(self) -> None:
         """Check that the training data fit the supervision before the first step; decide the feature cache."""
         super().on_train_start()
-        dataset = self._training_dataset()
+        dataset = self.training_dataset()
         if dataset is None:
             return
         has_masks = getattr(dataset, "task", None) == TaskType.SEGMENTATION
@@ -202,13 +202,6 @@ class ADTRPlus(ADTRLightningMixin, AnomalibModule):
                 "ADTRPlus: the training data hold no anomalies, so it trains on normal images only. Add some with "
                 "adtr_anomalib.data.FolderWithAnomalies or WithAnomalies (move_from_test, synthetic_anomalies)."
             )
-
-    def _training_dataset(self) -> Any:
-        trainer = getattr(self, "_trainer", None)
-        dataset = getattr(getattr(trainer, "datamodule", None), "train_data", None)
-        if dataset is None:
-            dataset = getattr(getattr(trainer, "train_dataloader", None), "dataset", None)
-        return dataset
 
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """One optimisation step on ``L_px`` (masks) or ``L_img`` (labels)."""

@@ -25,9 +25,13 @@ EPS = 1e-6
 
 
 def pseudo_huber_error(features: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
-    """``phi(u)``: pseudo-Huber of the channel-mean absolute difference, ``(B, C, h, w) -> (B, h, w)``."""
+    """``phi(u)``: pseudo-Huber of the channel-mean absolute difference, ``(B, C, h, w) -> (B, h, w)``.
+
+    Computed as ``m * (m / (hypot(m, 1) + 1))``, equal to ``sqrt(m^2 + 1) - 1``: it neither cancels to 0 for small
+    ``m`` nor overflows for large ``m`` (``m^2`` is inf above ~1.8e19 in fp32).
+    """
     mean_abs = (features - reconstruction).abs().mean(dim=1)
-    return torch.sqrt(mean_abs.square() + 1.0) - 1.0
+    return mean_abs * (mean_abs / (torch.hypot(mean_abs, torch.ones_like(mean_abs)) + 1.0))
 
 
 def log_one_minus_exp_neg(x: torch.Tensor, eps: float = EPS) -> torch.Tensor:
