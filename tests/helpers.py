@@ -14,8 +14,8 @@ from adtr_anomalib import ADTR
 from adtr_anomalib.data import mvtec_layout_folder
 
 
-def small_adtr(image_size: int = 128, **kwargs: object) -> ADTR:
-    """Lite0 ADTR with a small transformer, for fast tests."""
+def small_adtr(image_size: int = 128, model_class: type = ADTR, **kwargs: object) -> ADTR:
+    """Lite0 ADTR (or ADTR+, via ``model_class``) with a small transformer, for fast tests."""
     options = {
         "backbone": "tf_efficientnet_lite0",
         "hidden_dim": 64,
@@ -29,7 +29,7 @@ def small_adtr(image_size: int = 128, **kwargs: object) -> ADTR:
         "pre_processor": ADTR.configure_pre_processor((image_size, image_size), backbone="tf_efficientnet_lite0"),
     }
     options.update(kwargs)
-    return ADTR(**options)
+    return model_class(**options)
 
 
 def fit(model: ADTR, root: Path, epochs: int, out: Path, **engine_kwargs: object) -> Engine:

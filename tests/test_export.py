@@ -36,31 +36,16 @@ from anomalib.engine import Engine
 from adtr_anomalib import ADTR, ADTRPlus
 from adtr_anomalib.data import ConfettiNoise, WithAnomalies, mvtec_layout_folder
 from adtr_anomalib.deploy import PARITY_TOLERANCES, openvino_config
+from tests.helpers import small_adtr
 
 SIZE = 64
 FP32_TOL, REDUCED_TOL, PTQ_TOL = (PARITY_TOLERANCES[key] for key in ("fp32", "reduced", "int8_ptq"))
 OUTPUTS = ("pred_score", "anomaly_map")
 ANOMALIB = str(Path(sys.executable).with_name("anomalib"))
-SMALL = {
-    "backbone": "tf_efficientnet_lite0",
-    "hidden_dim": 64,
-    "num_encoder_layers": 1,
-    "num_decoder_layers": 1,
-    "num_heads": 4,
-    "ffn_dim": 128,
-    "lr": 1e-3,
-    "lr_schedule": "cosine",
-    "visualizer": False,
-}
 
 
 def _engine(root: Path) -> Engine:
     return Engine(default_root_dir=root, max_epochs=1, logger=False, enable_progress_bar=False)
-
-
-def _small(cls: type, **kwargs: object) -> ADTR | ADTRPlus:
-    pre_processor = cls.configure_pre_processor((SIZE, SIZE), backbone="tf_efficientnet_lite0")
-    return cls(**SMALL, **kwargs, pre_processor=pre_processor)
 
 
 @pytest.fixture(scope="module")
@@ -69,14 +54,14 @@ def checkpoints(textures_root: Path, tmp_path_factory: pytest.TempPathFactory) -
     out = tmp_path_factory.mktemp("trained")
     datamodule = mvtec_layout_folder(textures_root, train_batch_size=8, eval_batch_size=8, seed=0)
     engine = _engine(out / "adtr")
-    engine.fit(_small(ADTR), datamodule=datamodule)
+    engine.fit(small_adtr(SIZE), datamodule=datamodule)
     adtr = Path(engine.trainer.checkpoint_callback.best_model_path)
     plus_data = WithAnomalies(
         mvtec_layout_folder(textures_root, train_batch_size=8, eval_batch_size=8, seed=0),
         synthetic_anomalies=ConfettiNoise(probability=0.5),
     )
     engine = _engine(out / "plus")
-    engine.fit(_small(ADTRPlus, adtr_checkpoint=str(adtr)), datamodule=plus_data)
+    engine.fit(small_adtr(SIZE, ADTRPlus, adtr_checkpoint=str(adtr)), datamodule=plus_data)
     return {"ADTR": adtr, "ADTRPlus": Path(engine.trainer.checkpoint_callback.best_model_path)}
 
 
