@@ -4,7 +4,8 @@
 * a ``Folder`` datamodule for any MVTec-layout folder (:func:`mvtec_layout_folder`);
 * anomalies in the training set for ADTR+: :class:`FolderWithAnomalies`, :class:`WithAnomalies`,
   :func:`move_test_anomalies_to_train`;
-* on-the-fly synthetic anomalies: :class:`ConfettiNoise`, :class:`AnomalyInjectionDataset`.
+* on-the-fly synthetic anomalies: :class:`ConfettiNoise`, :class:`AnomalyInjectionDataset`;
+* seeded subsets of the training and test images for quick runs: :func:`subsample_splits`.
 """
 
 from adtr_anomalib.data.anomalies import (
@@ -14,6 +15,7 @@ from adtr_anomalib.data.anomalies import (
     move_test_anomalies_to_train,
 )
 from adtr_anomalib.data.folder import mvtec_layout_folder
+from adtr_anomalib.data.subset import subsample_splits
 from adtr_anomalib.data.synthetic import AnomalyInjectionDataset, ConfettiNoise
 from adtr_anomalib.data.textures import DEFECT_TYPES, TEXTURE_CATEGORIES, default_dataset_root, make_texture_dataset
 
@@ -29,4 +31,5 @@ __all__ = [
     "make_texture_dataset",
     "move_test_anomalies_to_train",
     "mvtec_layout_folder",
+    "subsample_splits",
 ]
