@@ -43,13 +43,12 @@ from typing import Any
 
 import torch
 from anomalib.data import Folder
-from anomalib.data.utils import LabelName
 from anomalib.engine import Engine
 from lightning.pytorch import seed_everything
 
 from adtr_anomalib import ADTR, ADTRPlus
 from adtr_anomalib.benchmark import MALLOC_ENV, METRICS, build_model, markdown_table, write_csv
-from adtr_anomalib.data import ConfettiNoise, WithAnomalies
+from adtr_anomalib.data import ConfettiNoise, WithAnomalies, subsample_splits
 from adtr_anomalib.metrics import inspection_evaluator
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
         "--test-subset",
         type=int,
         default=None,
-        help="keep only N test images per label, the same for every model (smoke tests)",
+        help="keep N seeded test images per label, the same for every model (smoke tests)",
     )
     parser.add_argument("--output", type=Path, default=REPO / "results" / "adtr_plus_bsdata")
     return parser
@@ -233,7 +232,8 @@ class Runner:
 
     def _baseline(self, name: str) -> Any:
         """PaDiM/PatchCore built exactly as in ``adtr_anomalib.benchmark`` (same Lite0 weights and pre-processing)."""
-        return build_model(name, BACKBONE, self.args.image_size, coreset_sampling_ratio=self.args.coreset_ratio)
+        options = {"coreset_sampling_ratio": self.args.coreset_ratio} if name == "patchcore" else {}
+        return build_model(name, BACKBONE, self.args.image_size, **options)
 
     def _fit_test(
         self, label: str, model: Any, datamodule: Any, epochs: int, anomalies: str, start: str = "ImageNet"
@@ -294,15 +294,8 @@ class BenchmarkData(WithAnomalies):
 
     def _setup(self, _stage: str | None = None) -> None:
         super()._setup(_stage)
-        if self.test_subset:
-            labels = self.test_data.samples["label_index"].to_numpy()
-            keep = [
-                index
-                for label in (LabelName.NORMAL, LabelName.ABNORMAL)
-                for index in [i for i, value in enumerate(labels) if value == label][: self.test_subset]
-            ]
-            self.test_data = self.test_data.subsample(sorted(keep))
-            self.val_data = copy.deepcopy(self.test_data)
+        if self.test_subset:  # seeded, so every model gets the same images; validation (= test) follows
+            subsample_splits(self, max_test_images_per_label=self.test_subset, seed=self.move_seed)
 
 
 if __name__ == "__main__":

@@ -34,16 +34,19 @@ def bsdata_root() -> Path:
     return root
 
 
+def _brick(factory: pytest.TempPathFactory, folder: str, **sizes: int) -> Path:
+    from adtr_anomalib.data import make_texture_dataset
+
+    return make_texture_dataset(factory.mktemp(folder), "brick", **sizes)
+
+
 @pytest.fixture(scope="session")
 def textures_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small built-in texture dataset (brick), generated once per session."""
-    from adtr_anomalib.data import make_texture_dataset
+    return _brick(tmp_path_factory, "textures", image_size=128, n_train=48, n_test_good=12, n_test_defect_per_type=4)
 
-    return make_texture_dataset(
-        tmp_path_factory.mktemp("textures"),
-        "brick",
-        image_size=128,
-        n_train=48,
-        n_test_good=12,
-        n_test_defect_per_type=4,
-    )
+
+@pytest.fixture(scope="session")
+def tiny_textures_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An even smaller one (64 px; 8 train, 4 good and 4 defective test images) for whole benchmarks."""
+    return _brick(tmp_path_factory, "tiny_textures", image_size=64, n_train=8, n_test_good=4, n_test_defect_per_type=1)

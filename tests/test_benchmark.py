@@ -1,11 +1,16 @@
-"""The comparison helpers: every model gets the same backbone weights and pre-processing."""
+"""The comparison helpers: every model gets the same backbone weights and pre-processing; tables and subsets."""
 
 from __future__ import annotations
+
+import math
+import statistics
 
 import pytest
 import torch
 
-from adtr_anomalib.benchmark import build_model, markdown_table
+from adtr_anomalib.benchmark import build_model, markdown_table, write_csv
+from adtr_anomalib.benchmark.report import NUMERIC, summarise, summary_table
+from adtr_anomalib.data import mvtec_layout_folder, subsample_splits
 from adtr_anomalib.models.components import offline_weights_file
 
 
@@ -20,8 +25,22 @@ def test_baselines_get_the_offline_lite0_weights_and_backbone_normalisation(name
 
 
 def test_unknown_model_is_refused_with_the_choices() -> None:
-    with pytest.raises(ValueError, match=r"Unknown model 'fastflow'; choose from \['adtr', 'padim', 'patchcore'\]"):
+    with pytest.raises(
+        ValueError, match=r"Unknown model 'fastflow'; choose from \['adtr', 'adtr_plus', 'padim', 'patchcore'\]"
+    ):
         build_model("fastflow")
+
+
+@pytest.mark.parametrize(("name", "expected"), [("ADTRPlus", "ADTRPlus"), ("ADTR+", "ADTRPlus"), ("Padim", "Padim")])
+def test_models_are_found_by_class_name_or_short_name(name: str, expected: str) -> None:
+    assert type(build_model(name, image_size=64)).__name__ == expected
+
+
+def test_arguments_every_model_shares_or_does_not_take_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"padim: init_args \['pre_trained'\] are set by the benchmark"):
+        build_model("padim", pre_trained=True)
+    with pytest.raises(ValueError, match=r"patchcore: unknown init_args \['n_features'\]; Patchcore takes"):
+        build_model("patchcore", n_features=10)
 
 
 def test_markdown_table_formats_metrics_and_seconds() -> None:
@@ -34,10 +53,50 @@ def test_markdown_table_formats_metrics_and_seconds() -> None:
 
 
 def test_results_csv_never_overwrites_earlier_results(tmp_path) -> None:
-    from adtr_anomalib.benchmark import write_csv
-
     first = write_csv([{"model": "adtr", "pixel_AUROC": 0.9}], tmp_path)
     second = write_csv([{"model": "padim", "pixel_AUROC": 0.8}], tmp_path)
     assert (first.name, second.name) == ("results.csv", "results_1.csv")
     assert "adtr" in first.read_text()
     assert "padim" in second.read_text()
+
+
+def _row(model: str, seed: int, status: str, value: float) -> dict:
+    return {"dataset": "d", "model": model, "seed": seed, "status": status, "epochs": 1} | dict.fromkeys(NUMERIC, value)
+
+
+def test_summary_gives_mean_and_sample_std_over_seeds_and_keeps_failed_rows() -> None:
+    rows = [_row("m", 0, "ok", 0.8), _row("m", 1, "ok", 0.9), _row("broken", 0, "failed", math.nan)]
+    summaries = summarise(rows)
+    assert [(s["model"], s["seeds"], s["failed_seeds"]) for s in summaries] == [
+        ("m", "0, 1", ""),
+        ("broken", "none", "0"),
+    ]
+    assert summaries[0]["image_AUROC"] == pytest.approx(0.85)
+    assert summaries[0]["image_AUROC_std"] == pytest.approx(statistics.stdev([0.8, 0.9]))
+    table = summary_table(summaries).splitlines()
+    assert table[2].startswith("| d | m | 0, 1 | 1 | 0.850 ± 0.071 |")
+    assert table[3].startswith("| d | broken | none (failed: 0) | 1 | n/a |")
+
+
+def test_subsets_are_seeded_per_label_and_validation_follows_test(tiny_textures_root) -> None:
+    def subset(seed: int) -> tuple[list[str], list[str], list[str]]:
+        datamodule = mvtec_layout_folder(tiny_textures_root)
+        datamodule.setup()
+        subsample_splits(datamodule, max_train_images=5, max_test_images_per_label=2, seed=seed)
+        return tuple(sorted(d.samples["image_path"]) for d in (datamodule.train_data, datamodule.test_data,
+                                                               datamodule.val_data))  # fmt: skip
+
+    train, test, val = subset(0)
+    assert len(train) == 5
+    assert len(test) == 4
+    assert sum("/good/" in path for path in test) == 2
+    assert val == test
+    assert subset(0) == (train, test, val)
+    assert subset(1) != (train, test, val)
+
+
+def test_subset_limits_must_be_positive_integers(tiny_textures_root) -> None:
+    datamodule = mvtec_layout_folder(tiny_textures_root)
+    datamodule.setup()
+    with pytest.raises(ValueError, match="max_test_images_per_label must be a positive integer"):
+        subsample_splits(datamodule, max_test_images_per_label=0)

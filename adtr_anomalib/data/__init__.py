@@ -6,6 +6,7 @@
   :func:`move_test_anomalies_to_train`;
 * on-the-fly synthetic anomalies: :class:`ConfettiNoise`, :class:`AnomalyInjectionDataset`;
 * up-front checks of image and mask files that name the bad file (:mod:`adtr_anomalib.data.validation`).
+* seeded subsets of the training and test images for quick runs: :func:`subsample_splits`.
 """
 
 from adtr_anomalib.data.anomalies import (
@@ -15,6 +16,7 @@ from adtr_anomalib.data.anomalies import (
     move_test_anomalies_to_train,
 )
 from adtr_anomalib.data.folder import mvtec_layout_folder
+from adtr_anomalib.data.subset import subsample_splits
 from adtr_anomalib.data.synthetic import AnomalyInjectionDataset, ConfettiNoise
 from adtr_anomalib.data.textures import DEFECT_TYPES, TEXTURE_CATEGORIES, default_dataset_root, make_texture_dataset
 from adtr_anomalib.data.validation import DataError, check_datamodule_files, check_folder_layout
@@ -34,4 +36,5 @@ __all__ = [
     "make_texture_dataset",
     "move_test_anomalies_to_train",
     "mvtec_layout_folder",
+    "subsample_splits",
 ]

@@ -1,0 +1,155 @@
+"""Benchmark results as CSV, a Markdown table (mean ± std over seeds) and an accuracy/throughput plot.
+
+No file is ever replaced: when ``results.csv`` exists, ``results_1.csv`` is written, and so on.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from adtr_anomalib.benchmark.models import METRICS
+
+COSTS = ("fit_s", "test_s", "throughput_img_s", "peak_RSS_MB", "params_M", "checkpoint_MB")
+NUMERIC = (*METRICS, *COSTS)
+ROW_COLUMNS = ("dataset", "model", "seed", "status", "epochs", *NUMERIC, "error")
+
+
+def unused_path(folder: Path, name: str) -> Path:
+    """``folder/name``, or ``name_1``, ``name_2``, ... before the suffix: an earlier file is never replaced."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stem, suffix = Path(name).stem, Path(name).suffix
+    path, n = folder / name, 1
+    while path.exists():
+        path, n = folder / f"{stem}_{n}{suffix}", n + 1
+    return path
+
+
+def format_value(column: str, value: Any) -> str:
+    """Metrics with three decimals, seconds and MB with none, images/s with one, millions with two."""
+    if isinstance(value, str):
+        return value
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, int):
+        return str(value)
+    if column.endswith("_img_s"):
+        decimals = 1
+    elif column.endswith(("_s", "_MB")):
+        decimals = 0
+    elif column.endswith("_M"):
+        decimals = 2
+    else:
+        decimals = 3
+    return f"{value:.{decimals}f}"
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Rows as a Markdown table (columns from the first row), numbers formatted by :func:`format_value`."""
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(format_value(c, row[c]) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_csv(rows: Sequence[dict[str, Any]], folder: Path, name: str = "results.csv") -> Path:
+    """Write ``rows`` to ``folder/name`` (or ``name_<n>`` if that exists: earlier results are kept)."""
+    path = unused_path(folder, name)
+    with path.open("x", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per dataset and model: the mean over its successful seeds, and their sample std (n - 1).
+
+    A dataset/model whose every seed failed still gets a row (values NaN, ``failed_seeds`` set): a failure is
+    never a missing row.
+    """
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["dataset"], row["model"]), []).append(row)
+    summaries = []
+    for (dataset, model), group in groups.items():
+        ok = [row for row in group if row["status"] == "ok"]
+        summary: dict[str, Any] = {
+            "dataset": dataset,
+            "model": model,
+            "seeds": ", ".join(str(row["seed"]) for row in ok) or "none",
+            "failed_seeds": ", ".join(str(row["seed"]) for row in group if row["status"] != "ok"),
+            "epochs": ok[0]["epochs"] if ok else group[0]["epochs"],
+        }
+        for column in NUMERIC:
+            values = [float(row[column]) for row in ok]
+            summary[column] = statistics.fmean(values) if values else math.nan
+            summary[f"{column}_std"] = statistics.stdev(values) if len(values) > 1 else math.nan
+        summaries.append(summary)
+    return summaries
+
+
+def summary_table(summaries: Sequence[dict[str, Any]]) -> str:
+    """The summaries as Markdown: ``mean ± std`` where there are several seeds."""
+    rows = []
+    for summary in summaries:
+        seeds = summary["seeds"] + (f" (failed: {summary['failed_seeds']})" if summary["failed_seeds"] else "")
+        row: dict[str, Any] = {
+            "dataset": summary["dataset"],
+            "model": summary["model"],
+            "seeds": seeds,
+            "epochs": summary["epochs"],
+        }
+        for column in NUMERIC:
+            std = summary[f"{column}_std"]
+            spread = "" if math.isnan(std) else f" ± {format_value(column, std)}"
+            row[column] = format_value(column, summary[column]) + spread
+        rows.append(row)
+    return markdown_table(rows)
+
+
+def plot_accuracy_vs_throughput(summaries: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
+    """Pixel AUPRO (image AUROC where no dataset has masks) against batch-16 throughput, one point per row."""
+    from matplotlib.figure import Figure  # no pyplot: renders with Agg, whatever the display
+    from matplotlib.lines import Line2D
+
+    metric = "pixel_AUPRO" if any(not math.isnan(s["pixel_AUPRO"]) for s in summaries) else "image_AUROC"
+    models = list(dict.fromkeys(s["model"] for s in summaries))
+    datasets = list(dict.fromkeys(s["dataset"] for s in summaries))
+    markers = "osD^v<>ph*"
+    figure = Figure(figsize=(7, 4.5))
+    axes = figure.add_subplot()
+    for summary in summaries:
+        if math.isnan(summary[metric]) or math.isnan(summary["throughput_img_s"]):
+            continue
+        std = summary[f"{metric}_std"]
+        axes.errorbar(
+            summary["throughput_img_s"],
+            summary[metric],
+            yerr=None if math.isnan(std) else std,
+            fmt=markers[datasets.index(summary["dataset"]) % len(markers)],
+            color=f"C{models.index(summary['model']) % 10}",
+            markersize=8,
+            capsize=3,
+        )
+    handles = [Line2D([], [], color=f"C{i % 10}", marker="o", linestyle="", label=m) for i, m in enumerate(models)]
+    if len(datasets) > 1:
+        handles += [
+            Line2D([], [], color="grey", marker=markers[i % len(markers)], linestyle="", label=d)
+            for i, d in enumerate(datasets)
+        ]
+    axes.legend(handles=handles, fontsize="small", loc="best")
+    speeds = [s["throughput_img_s"] for s in summaries if s["throughput_img_s"] > 0]
+    wide = bool(speeds) and max(speeds) > 10 * min(speeds)
+    if wide:
+        axes.set_xscale("log")
+    axes.set_xlabel(f"throughput at batch 16 (images/s{', log scale' if wide else ''})")
+    axes.set_ylabel(metric.replace("_", " "))
+    axes.set_title(f"{metric.replace('_', ' ')} against throughput, {title}", fontsize="medium")
+    axes.grid(visible=True, which="both", alpha=0.3)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    return path

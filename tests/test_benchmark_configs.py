@@ -1,0 +1,123 @@
+"""The benchmark configs in configs/benchmark/: ours plan the jobs they promise; anomalib's pipeline runs its own."""
+
+from __future__ import annotations
+
+import json
+import logging
+from argparse import Namespace
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from anomalib.data.datasets.image.mvtecad import CATEGORIES as MVTEC_CATEGORIES
+from anomalib.data.datasets.image.visa import CATEGORIES as VISA_CATEGORIES
+from anomalib.pipelines import Benchmark
+
+from adtr_anomalib.benchmark.plan import parser, plan
+from tests.conftest import REPO
+
+CONFIGS = REPO / "configs" / "benchmark"
+MODELS = ["ADTR", "ADTR+ (confetti)", "PaDiM", "PatchCore"]
+
+
+def _plan(*argv: str) -> list:
+    return plan(parser().parse_args(list(argv)))
+
+
+@pytest.mark.parametrize(("name", "categories"), [("mvtec", MVTEC_CATEGORIES), ("visa", VISA_CATEGORIES)])
+def test_dataset_configs_cover_every_category_with_four_models(name: str, categories: tuple, monkeypatch) -> None:
+    monkeypatch.chdir(REPO)
+    jobs = _plan("--config", str(CONFIGS / f"{name}.yaml"))
+    datasets = list(dict.fromkeys(job.data.label for job in jobs))
+    assert [label.split("/")[1] for label in datasets] == list(categories)
+    assert [job.model.label for job in jobs[:4]] == MODELS
+    assert len(jobs) == 4 * len(categories)
+    plus = [job for job in jobs if job.model.key == "adtr_plus"]
+    assert all(job.parent == f"ADTR on {job.data.label}, seed {job.seed}" for job in plus)
+
+
+def test_folder_template_plans_one_dataset_three_seeds(monkeypatch) -> None:
+    monkeypatch.chdir(REPO)
+    jobs = _plan("--config", str(CONFIGS / "folder.yaml"))
+    assert {job.data.label for job in jobs} == {"my_part"}
+    assert sorted({job.seed for job in jobs}) == [0, 1, 2]
+    assert len(jobs) == 12
+
+
+def test_offline_config_runs_four_models_on_the_builtin_and_bsdata_sets(bsdata_root, monkeypatch) -> None:
+    monkeypatch.chdir(REPO)
+    config = yaml.safe_load((CONFIGS / "offline.yaml").read_text())
+    assert config["data"] == ["builtin:brick", "../shared/data/bsdata_pitting"]
+    assert config["backbone"] == "tf_efficientnet_lite0"
+    # The BSData path is a setting: here the one the test suite uses.
+    jobs = _plan("--config", str(CONFIGS / "offline.yaml"), "--data", json.dumps(["builtin:brick", str(bsdata_root)]))
+    assert [(job.data.label, job.model.label) for job in jobs] == [
+        (dataset, model) for dataset in ("brick", "bsdata_pitting") for model in MODELS
+    ]
+
+
+@pytest.mark.parametrize(
+    ("models", "error"),
+    [
+        ("[{name: padim, init_args: {pre_trained: true}}]", r"models\[0\]: padim: init_args \['pre_trained'\] are set"),
+        ("[{name: adtr, init_args: {lr_rate: 1}}]", r"models\[0\]: adtr: unknown init_args \['lr_rate'\]"),
+        ("[{name: adtr, epoch: 3}]", r"models\[0\]: unknown keys \['epoch'\]"),
+        ("[adtr, {name: adtr_plus, start_from: ADTR2}]", r"models\[1\] \(ADTR\+\): start_from='ADTR2' must be"),
+        ("[{name: padim, start_from: ADTR}]", r"start_from and train_anomalies are for adtr_plus only"),
+        ("[adtr, {name: adtr_plus, train_anomalies: {move_from_test: 2}}]", r"move_from_test would change"),
+        ("[adtr, adtr]", r"Labels must be unique, repeated: \['ADTR'\]; give the entries a 'label'"),
+    ],
+)
+def test_config_mistakes_are_refused_before_anything_runs(models: str, error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        _plan("--models", models)
+
+
+def test_missing_folder_and_bad_datamodule_arguments_are_refused(tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"data\[0\]: No training images in"):
+        _plan("--data", json.dumps([str(tmp_path)]))
+    with pytest.raises(ValueError, match=r"(?s)data\[0\]: .*Option 'categroy' is not accepted"):
+        _plan("--data", "[{class_path: MVTecAD, init_args: {categroy: bottle}}]")
+
+
+def test_anomalib_benchmark_config_runs_adtr_next_to_padim_and_patchcore(tiny_textures_root, tmp_path, monkeypatch):
+    config = yaml.safe_load((CONFIGS / "anomalib_mvtec.yaml").read_text())
+    entries = config["benchmark"]["model"]["grid"]
+    assert [entry["class_path"] for entry in entries] == ["ADTR", "Padim", "Patchcore"]
+    # anomalib's result collection needs the same init_args keys in every entry (spec section 5).
+    assert len({tuple(sorted(entry["init_args"])) for entry in entries}) == 1
+    assert config["benchmark"]["data"]["init_args"]["category"]["grid"] == list(MVTEC_CATEGORIES)
+
+    # The same file, offline and tiny: Lite0 (packaged weights) for ADTR, untrained ResNet-18 for the others.
+    offline = {"ADTR": {"backbone": "tf_efficientnet_lite0"}, "Padim": {"backbone": "resnet18", "pre_trained": False}}
+    offline["Patchcore"] = offline["Padim"]
+    for entry in entries:
+        entry["init_args"].update(offline[entry["class_path"]])
+    config["benchmark"]["data"]["init_args"].update(
+        root=str(tiny_textures_root.parent),
+        category={"grid": [tiny_textures_root.name]},
+        train_batch_size=8,
+        eval_batch_size=8,
+        num_workers=0,
+    )
+    path = tmp_path / "benchmark.yaml"
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PL_TRAINER_MAX_EPOCHS", "1")  # ADTR's epochs; the pipeline passes no trainer settings
+    # The pipeline sends every logger to its own log file; give the other tests theirs back afterwards.
+    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in logging.root.manager.loggerDict)]
+    handlers = [(logger, list(logger.handlers)) for logger in loggers]
+    try:
+        Benchmark().run(Namespace(config=str(path)))
+    finally:
+        for logger, kept in handlers:
+            logger.handlers = kept
+        logging.captureWarnings(capture=False)
+
+    results = list(Path("runs/benchmark").glob("*/results.csv"))
+    assert len(results) == 1
+    table = pd.read_csv(results[0])
+    assert list(table["model.class_path"]) == ["ADTR", "Padim", "Patchcore"]
+    assert table["image_AUROC"].between(0, 1).all()
+    assert table["pixel_AUROC"].between(0, 1).all()
