@@ -17,9 +17,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/adtr-anomalib demo $(DATA)
 
-## test: lint and run the test suite (offline)
+## test: lint, run the test suite and execute every notebook (offline)
 test: $(STAMP) lint
-	HF_HUB_OFFLINE=1 $(PY) -m pytest
+	HF_HUB_OFFLINE=1 $(PY) -m pytest tests --nbmake notebooks --nbmake-timeout=900
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
