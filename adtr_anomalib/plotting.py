@@ -96,7 +96,7 @@ def plot_heatmaps(
     """
     indices = list(predictions.pick() if indices is None else indices)
     if axes is None:
-        figure, grid = plt.subplots(2, len(indices), figsize=(2.2 * len(indices), 4.6), squeeze=False)
+        _, grid = plt.subplots(2, len(indices), figsize=(2.2 * len(indices), 4.6), squeeze=False)
         axes = [*grid[0], *grid[1]]
     figure = axes[0].figure
     size = predictions.anomaly_maps.shape[-2:]

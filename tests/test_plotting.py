@@ -44,7 +44,7 @@ def test_batches_are_gathered_in_order(predictions: Predictions) -> None:
     assert predictions.masks[0].sum() == 4
 
 
-def test_inferencer_batches_take_their_paths_separately(predictions: Predictions) -> None:
+def test_inferencer_batches_take_their_paths_separately() -> None:
     batch = SimpleNamespace(pred_score=np.array([0.3]), anomaly_map=np.zeros((1, 1, 8, 8)), pred_label=np.array([0]))
     gathered = Predictions.from_batches([batch], image_paths=[Path("part.png")])
     assert gathered.image_paths == ["part.png"]

@@ -242,13 +242,11 @@ def _check_adtr_plus(spec: ModelSpec, earlier: list[ModelSpec], where: str) -> N
             msg = f"{where} ({spec.label}): give start_from or init_args.adtr_checkpoint, not both."
             raise ValueError(msg)
     if spec.train_anomalies is not None:
-        parser = ArgumentParser(exit_on_error=False)
-        parser.add_class_arguments(WithAnomalies, skip={"datamodule"})
         if not isinstance(spec.train_anomalies, dict):
             msg = f"{where} ({spec.label}): train_anomalies must be a mapping of WithAnomalies arguments."
             raise ValueError(msg)
         try:
-            options = parser.parse_object(spec.train_anomalies)
+            options = _train_anomalies_parser().parse_object(spec.train_anomalies)
         except ArgumentError as error:
             raise ValueError(f"{where} ({spec.label}) train_anomalies: {error}") from None
         if options.move_from_test:
@@ -260,10 +258,16 @@ def _check_adtr_plus(spec: ModelSpec, earlier: list[ModelSpec], where: str) -> N
             raise ValueError(msg)
 
 
-def with_training_anomalies(datamodule: AnomalibDataModule, train_anomalies: dict[str, Any]) -> WithAnomalies:
-    """``datamodule`` wrapped in :class:`WithAnomalies` with the config's arguments (e.g. confetti noise)."""
+def _train_anomalies_parser() -> ArgumentParser:
+    """The ``train_anomalies`` entry: :class:`WithAnomalies` arguments, less the datamodule it wraps."""
     parser = ArgumentParser(exit_on_error=False)
     parser.add_class_arguments(WithAnomalies, skip={"datamodule"})
+    return parser
+
+
+def with_training_anomalies(datamodule: AnomalibDataModule, train_anomalies: dict[str, Any]) -> WithAnomalies:
+    """``datamodule`` wrapped in :class:`WithAnomalies` with the config's arguments (e.g. confetti noise)."""
+    parser = _train_anomalies_parser()
     options = parser.instantiate_classes(parser.parse_object(train_anomalies))
     return WithAnomalies(datamodule, **dict(options.items()))
 

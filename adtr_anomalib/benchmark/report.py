@@ -112,8 +112,10 @@ def summary_table(summaries: Sequence[dict[str, Any]]) -> str:
     return markdown_table(rows)
 
 
-def plot_accuracy_vs_throughput(summaries: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
-    """Pixel AUPRO (image AUROC where no dataset has masks) against batch-16 throughput, one point per row."""
+def plot_accuracy_vs_throughput(
+    summaries: Sequence[dict[str, Any]], path: Path, title: str, batch_size: int = 16
+) -> Path:
+    """Pixel AUPRO (image AUROC where no dataset has masks) against throughput at ``batch_size``, one point per row."""
     from matplotlib.figure import Figure  # no pyplot: renders with Agg, whatever the display
     from matplotlib.lines import Line2D
 
@@ -147,7 +149,7 @@ def plot_accuracy_vs_throughput(summaries: Sequence[dict[str, Any]], path: Path,
     wide = bool(speeds) and max(speeds) > 10 * min(speeds)
     if wide:
         axes.set_xscale("log")
-    axes.set_xlabel(f"throughput at batch 16 (images/s{', log scale' if wide else ''})")
+    axes.set_xlabel(f"throughput at batch {batch_size} (images/s{', log scale' if wide else ''})")
     axes.set_ylabel(metric.replace("_", " "))
     axes.set_title(f"{metric.replace('_', ' ')} against throughput, {title}", fontsize="medium")
     axes.grid(visible=True, which="both", alpha=0.3)

@@ -329,7 +329,11 @@ def _report(records: list[dict[str, Any]], folder: Path, settings: Namespace) ->
         unused_path(folder, "results.md"),
     ]
     paths[-1].write_text(text, encoding="utf-8")
-    paths.append(plot_accuracy_vs_throughput(summaries, unused_path(folder, "accuracy_vs_throughput.png"), stamp))
+    paths.append(
+        plot_accuracy_vs_throughput(
+            summaries, unused_path(folder, "accuracy_vs_throughput.png"), stamp, settings.throughput_batch_size
+        )
+    )
     print(f"\n{text}\nWritten: {', '.join(str(path) for path in paths)}", flush=True)
     if failed:
         names = "".join(f"\n  {record['key']}: {record['error']}" for record in failed)
