@@ -15,7 +15,7 @@ from adtr_anomalib.data.anomalies import (
     add_training_anomalies,
     move_test_anomalies_to_train,
 )
-from adtr_anomalib.data.folder import mvtec_layout_folder
+from adtr_anomalib.data.folder import HELD_OUT_VALIDATION, mvtec_layout_folder
 from adtr_anomalib.data.subset import subsample_splits
 from adtr_anomalib.data.synthetic import AnomalyInjectionDataset, ConfettiNoise
 from adtr_anomalib.data.textures import DEFECT_TYPES, TEXTURE_CATEGORIES, default_dataset_root, make_texture_dataset
@@ -23,6 +23,7 @@ from adtr_anomalib.data.validation import DataError, check_datamodule_files, che
 
 __all__ = [
     "DEFECT_TYPES",
+    "HELD_OUT_VALIDATION",
     "TEXTURE_CATEGORIES",
     "AnomalyInjectionDataset",
     "ConfettiNoise",

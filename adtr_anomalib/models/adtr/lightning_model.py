@@ -12,9 +12,11 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import random
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -37,13 +39,28 @@ from adtr_anomalib.data.validation import check_datamodule_files, check_dataset_
 from adtr_anomalib.models.components import backbone_normalization
 
 from .loss import ADTRLoss, LossReduction
-from .torch_model import DEFAULT_LAYERS, ADTRModel
+from .torch_model import DEFAULT_LAYERS, FEATURE_STATISTICS, ADTRModel
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ADTR"]
 
 LRSchedule = Literal["step", "cosine"]
+Recipe = Literal["paper", "fast"]
+# Named training recipes: the arguments each one changes from the paper's defaults. Chosen by the ablation in
+# benchmarks/convergence.py (learning curves on BSData and the built-in textures, several seeds); see the README.
+RECIPES: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "fast": {
+        "dropout": 0.0,
+        "feature_jitter": 20.0,
+        "normalize_features": True,
+        "lr": 1e-3,
+        "lr_schedule": "cosine",
+        "warmup_steps": 100,
+        "gradient_clip_val": 0.1,
+    },
+}
 # Constructor arguments of ADTR and ADTR+ that define the shared network (`ADTRModel`).
 MODEL_ARGUMENTS = (
     "backbone",
@@ -56,6 +73,8 @@ MODEL_ARGUMENTS = (
     "ffn_dim",
     "dropout",
     "pooling_kernel",
+    "feature_jitter",
+    "normalize_features",
 )
 # Checkpoint entry holding the random number generators' state, so a resumed run continues exactly.
 RNG_STATE_KEY = "adtr_rng_state"
@@ -73,6 +92,7 @@ class ADTRLightningMixin:
 
     def build_adtr(self) -> None:
         """Build the torch model from the saved constructor arguments; the backbone weights come later, in `setup`."""
+        self.apply_recipe()
         lr_schedule = self.hparams.lr_schedule
         if lr_schedule not in {"step", "cosine"}:
             msg = f"lr_schedule must be 'step' or 'cosine', got {lr_schedule!r}."
@@ -81,9 +101,31 @@ class ADTRLightningMixin:
         if not (math.isfinite(lr) and lr > 0 and math.isfinite(weight_decay) and weight_decay >= 0):
             msg = f"lr must be a finite number > 0 and weight_decay one >= 0, got lr={lr}, weight_decay={weight_decay}."
             raise ValueError(msg)
+        if int(self.hparams.warmup_steps) != self.hparams.warmup_steps or self.hparams.warmup_steps < 0:
+            msg = f"warmup_steps must be a whole number >= 0, got {self.hparams.warmup_steps!r}."
+            raise ValueError(msg)
+        clip = self.hparams.gradient_clip_val
+        if clip is not None and not (math.isfinite(clip) and clip > 0):
+            msg = f"gradient_clip_val must be None (no clipping) or a finite number > 0, got {clip!r}."
+            raise ValueError(msg)
         self.model: ADTRModel = self._network(self.input_size or (256, 256))
         self._feature_cache: dict[str, torch.Tensor] = {}
         self._use_cache = False
+
+    def apply_recipe(self) -> None:
+        """Give the arguments that the named ``recipe`` sets its values, where they were left at their defaults.
+
+        An argument set to anything other than its default wins over the recipe. The effective values are what
+        the checkpoint saves, so a reloaded model is the trained one.
+        """
+        recipe = self.hparams.recipe
+        if recipe not in RECIPES:
+            msg = f"recipe must be one of {sorted(RECIPES)}, got {recipe!r}."
+            raise ValueError(msg)
+        defaults = inspect.signature(type(self).__init__).parameters
+        for key, value in RECIPES[recipe].items():
+            if self.hparams[key] == defaults[key].default:
+                self.hparams[key] = value
 
     def _network(self, input_size: tuple[int, int]) -> ADTRModel:
         """The torch model for ``input_size``, from the saved constructor arguments, without backbone weights."""
@@ -153,6 +195,7 @@ class ADTRLightningMixin:
         if self._adopt_network_arguments(checkpoint) or size != self.model.input_size:
             self.model = self._network(size)
         self._match_evaluator_state(checkpoint)
+        _fill_feature_statistics(checkpoint, self.model)
         trainer = getattr(self, "_trainer", None)
         if trainer is not None and trainer.state.fn == TrainerFn.FITTING and RNG_STATE_KEY in checkpoint:
             set_rng_state(checkpoint[RNG_STATE_KEY])
@@ -220,6 +263,8 @@ class ADTRLightningMixin:
         Files of training data given as plain dataloaders (no datamodule, so ``setup`` saw none) are checked here.
         """
         check_dataset_files([self.training_dataset()])
+        if self.model.needs_feature_statistics:
+            self.fit_feature_statistics()
         blockers = self.feature_cache_blockers()
         self._use_cache = bool(self.hparams.cache_features) and not blockers
         if self.hparams.cache_features and blockers:
@@ -240,6 +285,16 @@ class ADTRLightningMixin:
         if getattr(self.training_dataset(), "varies_between_epochs", False):
             blockers.append("the training images change every epoch (on-the-fly synthetic anomalies)")
         return blockers
+
+    def fit_feature_statistics(self) -> None:
+        """Per-channel feature statistics from one pass over the training images (``normalize_features``).
+
+        The datamodule's own training dataloader is read, so the statistics see exactly the images training sees.
+        """
+        loader = self.trainer.train_dataloader
+        started = time.perf_counter()
+        self.model.fit_feature_statistics(batch.image for batch in loader)
+        logger.info("%s: feature statistics fitted in %.1f s.", type(self).__name__, time.perf_counter() - started)
 
     def on_train_end(self) -> None:
         """Free the feature cache."""
@@ -270,9 +325,7 @@ class ADTRLightningMixin:
         return reconstruction.float()
 
     def _bf16_enabled(self) -> bool:
-        if not self.hparams.bf16:
-            return False
-        return self.device.type == "cpu" or (self.device.type == "cuda" and torch.cuda.is_bf16_supported())
+        return bool(self.hparams.bf16) and native_bf16(self.device)
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Anomaly maps and scores for the validation images (used for normalisation and thresholds)."""
@@ -288,19 +341,13 @@ class ADTRLightningMixin:
             weight_decay=self.hparams.weight_decay,
         )
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        if self.hparams.lr_schedule == "step":
-            # Paper: lr x0.1 at epoch 400 of 500, i.e. after 80% of training, whatever its length.
-            scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[math.ceil(0.8 * total)], gamma=0.1)
-        else:
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-                optimizer, T_max=total, eta_min=self.hparams.lr / 100
-            )
+        scheduler = lr_scheduler(optimizer, self.hparams.lr_schedule, total, int(self.hparams.warmup_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:
-        """No sanity validation: scores of an untrained model carry no information."""
-        return {"num_sanity_val_steps": 0}
+        """No sanity validation (scores of an untrained model carry no information); the model's gradient clip."""
+        return {"num_sanity_val_steps": 0, "gradient_clip_val": self.hparams.gradient_clip_val}
 
     @property
     def learning_type(self) -> LearningType:
@@ -311,6 +358,52 @@ class ADTRLightningMixin:
     def configure_post_processor() -> PostProcessor:
         """anomalib's default: min-max normalisation and F1-adaptive thresholds from the validation set."""
         return PostProcessor()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 matrix products in hardware.
+
+    CPUs without AVX-512 BF16 or AMX (e.g. AVX2-only ones) emulate them, about 30x slower than float32.
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check is not None and check())
+
+
+def _fill_feature_statistics(checkpoint: dict[str, Any], model: ADTRModel) -> None:
+    """Checkpoints from before ``normalize_features`` have no feature statistics: they load as identity."""
+    saved = checkpoint.get("state_dict")
+    if saved is not None:
+        for name in FEATURE_STATISTICS:
+            saved.setdefault(f"model.{name}", getattr(model, name))
+
+
+def lr_scheduler(
+    optimizer: torch.optim.Optimizer,
+    schedule: LRSchedule,
+    total_steps: int,
+    warmup_steps: int = 0,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step learning-rate factor: a linear warmup over ``warmup_steps``, then the schedule.
+
+    ``"step"``: x0.1 after 80% of the steps (the paper's epoch 400 of 500, whatever the length). ``"cosine"``:
+    half a cosine from 1 down to 0.01 over the steps after the warmup.
+    """
+    milestone = math.ceil(0.8 * total_steps)
+    decay_steps = max(total_steps - warmup_steps, 1)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "step":
+            return 0.1 if step >= milestone else 1.0
+        progress = min((step - warmup_steps) / decay_steps, 1.0)
+        return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def check_finite(values: torch.Tensor | Iterable[torch.Tensor], step: int, what: str = "the loss") -> None:
@@ -368,14 +461,25 @@ class ADTR(ADTRLightningMixin, AnomalibModule):
         ffn_dim: Feed-forward width.
         dropout: Dropout in attention and feed-forward layers.
         pooling_kernel: Average-pooling window (pixels) for the image score.
+        feature_jitter: UniAD's feature jitter: training-time Gaussian noise on the input features, per token
+            ``feature_jitter * ||f|| / C`` (UniAD: 20). 0 is off (paper).
+        normalize_features: Standardise each feature channel with its training mean and standard deviation
+            (one extra pass over the training images when training starts). Off in the paper.
         loss_reduction: ``"sum"`` over channels (paper) or ``"mean"`` (UniAD's MSE).
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         lr_schedule: ``"step"`` (paper: x0.1 after 80% of the steps) or ``"cosine"`` (smoother for short runs).
+        warmup_steps: Linear learning-rate warmup over this many optimiser steps (0: none, as in the paper).
+        gradient_clip_val: Clip the gradient norm to this value (UniAD: 0.1); ``None`` does not clip (paper).
         bf16: Run the transformer's training forward/backward under bfloat16 autocast (fp32 weights and
-            loss; inference stays fp32). About 1.3-2x faster on CPUs with AVX-512 BF16 and on recent GPUs.
+            loss; inference stays fp32) where the hardware computes bf16 natively (CPUs with AVX-512 BF16 or
+            AMX, recent GPUs): about 1.3-2x faster there. Elsewhere training stays in float32, since emulated
+            bf16 is about 30x slower.
         cache_features: Compute the frozen backbone's features once per training image and reuse them in
             later epochs. Turned off automatically when the datamodule has training augmentations.
+        recipe: ``"paper"`` (every default above) or ``"fast"``: the recipe that converges in tens of epochs (no
+            dropout, feature jitter 20, normalised features, lr 1e-3 with 100 warmup steps, cosine decay,
+            gradient clip 0.1). It sets only the arguments left at their defaults.
         pre_processor: Pre-processor, or ``True`` for resize to 256x256 plus the backbone's own normalisation.
         post_processor: Post-processor, or ``True`` for anomalib's default.
         evaluator: Evaluator, or ``True`` for anomalib's default metrics.
@@ -396,12 +500,17 @@ class ADTR(ADTRLightningMixin, AnomalibModule):
         ffn_dim: int = 1024,
         dropout: float = 0.1,
         pooling_kernel: int = 16,
+        feature_jitter: float = 0.0,
+        normalize_features: bool = False,
         loss_reduction: LossReduction = "sum",
         lr: float = 1e-4,
         weight_decay: float = 1e-4,
         lr_schedule: LRSchedule = "step",
+        warmup_steps: int = 0,
+        gradient_clip_val: float | None = None,
         bf16: bool = True,
         cache_features: bool = True,
+        recipe: Recipe = "paper",
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,

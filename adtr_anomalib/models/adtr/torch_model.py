@@ -10,7 +10,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -25,6 +25,8 @@ from .anomaly_map import AnomalyMapGenerator
 
 # EfficientNet stages 1-5 in timm's ``features_only`` naming (paper: all five, C = 720 for B4).
 DEFAULT_LAYERS: tuple[str, ...] = ("blocks.0", "blocks.1", "blocks.2", "blocks.4", "blocks.6")
+# Buffers of ADTRModel that hold the per-channel feature statistics (``normalize_features``).
+FEATURE_STATISTICS: tuple[str, ...] = ("feature_mean", "feature_std", "feature_statistics_fitted")
 
 
 class _EncoderLayer(nn.Module):
@@ -95,6 +97,9 @@ class ADTRReconstructor(nn.Module):
         in_channels: Channels ``C`` of the concatenated backbone features.
         num_tokens: ``h * w`` positions of the feature grid.
         hidden_dim, num_encoder_layers, num_decoder_layers, num_heads, ffn_dim, dropout: transformer sizes.
+        feature_jitter: Scale of UniAD's feature jitter, added to the input tokens in training only: Gaussian
+            noise with a per-token standard deviation of ``feature_jitter * ||f(:, u)|| / C``. The target stays
+            the clean features, so the network learns to pull noisy inputs back to normal ones. 0 (paper) is off.
     """
 
     def __init__(
@@ -107,8 +112,10 @@ class ADTRReconstructor(nn.Module):
         num_heads: int = 8,
         ffn_dim: int = 1024,
         dropout: float = 0.1,
+        feature_jitter: float = 0.0,
     ) -> None:
         super().__init__()
+        self.feature_jitter = feature_jitter
         self.input_proj = nn.Linear(in_channels, hidden_dim)
         self.output_proj = nn.Linear(hidden_dim, in_channels)
         self.pos_embed = nn.Parameter(torch.empty(1, num_tokens, hidden_dim))
@@ -125,7 +132,10 @@ class ADTRReconstructor(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Reconstruct ``(B, C, h, w)`` features."""
         batch, _, height, width = features.shape
-        tokens = self.input_proj(features.flatten(2).transpose(1, 2))
+        tokens = features.flatten(2).transpose(1, 2)
+        if self.training and self.feature_jitter > 0:
+            tokens = self.add_jitter(tokens)
+        tokens = self.input_proj(tokens)
         memory = tokens
         for layer in self.encoder:
             memory = layer(memory, self.pos_embed)
@@ -134,6 +144,11 @@ class ADTRReconstructor(nn.Module):
             queries = layer(queries, memory, self.pos_embed)
         out = self.output_proj(queries)
         return out.transpose(1, 2).reshape(batch, -1, height, width)
+
+    def add_jitter(self, tokens: torch.Tensor) -> torch.Tensor:
+        """UniAD's feature jitter on ``(B, N, C)`` tokens: noise proportional to each token's norm / C."""
+        scale = tokens.norm(dim=-1, keepdim=True) * (self.feature_jitter / tokens.shape[-1])
+        return tokens + torch.randn_like(tokens) * scale
 
 
 class ADTRModel(nn.Module):
@@ -150,6 +165,10 @@ class ADTRModel(nn.Module):
         hidden_dim, num_encoder_layers, num_decoder_layers, num_heads, ffn_dim, dropout: Transformer
             sizes. Paper: 256, 4, 4, 8, 1024, 0.1.
         pooling_kernel: Averaging window for the image score, in pixels. UniAD: 16.
+        feature_jitter: UniAD's training-time feature jitter scale (see :class:`ADTRReconstructor`). Paper: 0.
+        normalize_features: Standardise every feature channel with its mean and standard deviation over the
+            training images (set by :meth:`fit_feature_statistics`) before reconstruction. Without it the
+            squared error is dominated by the few high-variance channels of the deepest stage. Paper: off.
     """
 
     def __init__(
@@ -167,11 +186,13 @@ class ADTRModel(nn.Module):
         ffn_dim: int = 1024,
         dropout: float = 0.1,
         pooling_kernel: int = 16,
+        feature_jitter: float = 0.0,
+        normalize_features: bool = False,
     ) -> None:
         super().__init__()
         layers = list(layers)
         indices = _validate(
-            backbone, layers, input_size, feature_stride, hidden_dim, num_heads, pooling_kernel, dropout
+            backbone, layers, input_size, feature_stride, hidden_dim, num_heads, pooling_kernel, dropout, feature_jitter
         )
         self.layers = layers
         self.backbone = backbone
@@ -189,7 +210,14 @@ class ADTRModel(nn.Module):
             num_heads=num_heads,
             ffn_dim=ffn_dim,
             dropout=dropout,
+            feature_jitter=feature_jitter,
         )
+        self.normalize_features = normalize_features
+        # Per-channel statistics of the training features. Always present (identity until fitted), so a
+        # checkpoint carries them to ADTR+, predict and export whatever the constructor arguments say there.
+        self.register_buffer("feature_mean", torch.zeros(channels))
+        self.register_buffer("feature_std", torch.ones(channels))
+        self.register_buffer("feature_statistics_fitted", torch.tensor(False))
         self.anomaly_map_generator = AnomalyMapGenerator(pooling_kernel=pooling_kernel)
         # Persistent flag, so a model restored from a checkpoint never fetches backbone weights again.
         self.register_buffer("backbone_weights_loaded", torch.tensor(False))
@@ -221,7 +249,40 @@ class ADTRModel(nn.Module):
         with torch.no_grad():
             stages = self.feature_extractor(images).values()
             resized = [F.interpolate(f, size=self.feature_grid, mode="bilinear", align_corners=True) for f in stages]
-        return torch.cat(resized, dim=1)
+            features = torch.cat(resized, dim=1)
+            return (features - self.feature_mean[:, None, None]) / self.feature_std[:, None, None]
+
+    @property
+    def needs_feature_statistics(self) -> bool:
+        """``normalize_features`` is on and the statistics have not been fitted (or restored) yet."""
+        return self.normalize_features and not bool(self.feature_statistics_fitted)
+
+    @torch.no_grad()
+    def fit_feature_statistics(self, images: Iterable[torch.Tensor]) -> None:
+        """Set the per-channel mean and standard deviation from batches of (pre-processed) training images.
+
+        Accumulated in float64 over every position of every image, so the result does not depend on batching.
+        """
+        self.feature_mean.zero_()
+        self.feature_std.fill_(1.0)
+        total = torch.zeros((), dtype=torch.float64)
+        first = torch.zeros(self.num_channels, dtype=torch.float64)
+        second = torch.zeros(self.num_channels, dtype=torch.float64)
+        for batch in images:
+            features = self.extract_features(batch.to(self.feature_mean.device)).double()
+            total += features.shape[0] * features.shape[2] * features.shape[3]
+            first += features.sum(dim=(0, 2, 3)).cpu()
+            second += features.pow(2).sum(dim=(0, 2, 3)).cpu()
+        if total == 0:
+            msg = "fit_feature_statistics got no images: the training set is empty."
+            raise ValueError(msg)
+        mean = first / total
+        std = (second / total - mean.pow(2)).clamp_min(0).sqrt()
+        # A channel that never varies (e.g. a ReLU that is always off) keeps its scale instead of exploding.
+        std = torch.where(std > 1e-6, std, torch.ones_like(std))
+        self.feature_mean.copy_(mean.float())
+        self.feature_std.copy_(std.float())
+        self.feature_statistics_fitted.fill_(True)
 
     def reconstruct(self, features: torch.Tensor) -> torch.Tensor:
         """Reconstruct features with the transformer."""
@@ -246,6 +307,7 @@ def _validate(
     num_heads: int,
     pooling_kernel: int,
     dropout: float,
+    feature_jitter: float,
 ) -> list[int]:
     """Reject impossible settings before any weights are built or downloaded; return the stage indices."""
     available = backbone_stages(backbone)
@@ -267,5 +329,8 @@ def _validate(
         raise ValueError(msg)
     if not 0.0 <= dropout < 1.0:
         msg = f"dropout must be in [0, 1), got {dropout}."
+        raise ValueError(msg)
+    if not 0.0 <= feature_jitter < float("inf"):
+        msg = f"feature_jitter must be a finite number >= 0 (UniAD: 20), got {feature_jitter}."
         raise ValueError(msg)
     return [available.index(layer) for layer in layers]

@@ -33,8 +33,8 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
-from adtr_anomalib.models.adtr.lightning_model import ADTRLightningMixin, LRSchedule, check_finite
-from adtr_anomalib.models.adtr.torch_model import DEFAULT_LAYERS
+from adtr_anomalib.models.adtr.lightning_model import ADTRLightningMixin, LRSchedule, Recipe, check_finite
+from adtr_anomalib.models.adtr.torch_model import DEFAULT_LAYERS, FEATURE_STATISTICS
 
 from .loss import ADTRPlusLoss, masks_to_token_labels, pseudo_huber_error
 
@@ -54,6 +54,7 @@ _ARCHITECTURE = (
     "num_decoder_layers",
     "num_heads",
     "ffn_dim",
+    "normalize_features",
 )
 
 
@@ -69,7 +70,8 @@ class ADTRPlus(ADTRLightningMixin, AnomalibModule):
 
     Args:
         backbone, layers, pre_trained, weights, feature_stride, hidden_dim, num_encoder_layers,
-        num_decoder_layers, num_heads, ffn_dim, dropout, pooling_kernel: as :class:`~adtr_anomalib.ADTR`;
+        num_decoder_layers, num_heads, ffn_dim, dropout, pooling_kernel, feature_jitter, normalize_features: as
+            :class:`~adtr_anomalib.ADTR`;
             must match the ADTR checkpoint when one is given.
         adtr_checkpoint: A trained ADTR checkpoint (Lightning ``.ckpt`` or a saved ``ADTRModel`` state dict)
             to start from. Loaded when training starts (not when a trained ADTR+ model is restored), without
@@ -80,7 +82,8 @@ class ADTRPlus(ADTRLightningMixin, AnomalibModule):
         k: Top-k errors averaged into the image score of ``L_img``. Paper (CIFAR-10): 20.
         mask_threshold: How masks become token labels on the feature grid: ``None`` (default) marks a token
             anomalous if any pixel of its cell is; a float in ``(0, 1]`` needs at least that fraction.
-        lr, weight_decay, lr_schedule, bf16, cache_features: as ADTR. The feature cache is turned off by
+        lr, weight_decay, lr_schedule, warmup_steps, gradient_clip_val, bf16, cache_features, recipe: as ADTR;
+            use the ADTR model's recipe. The feature cache is turned off by
             itself for on-the-fly synthetic anomalies and augmentations.
         pre_processor, post_processor, evaluator, visualizer: as ADTR.
     """
@@ -99,6 +102,8 @@ class ADTRPlus(ADTRLightningMixin, AnomalibModule):
         ffn_dim: int = 1024,
         dropout: float = 0.1,
         pooling_kernel: int = 16,
+        feature_jitter: float = 0.0,
+        normalize_features: bool = False,
         adtr_checkpoint: str | None = None,
         supervision: Supervision = "auto",
         alpha: float = 0.003,
@@ -107,8 +112,11 @@ class ADTRPlus(ADTRLightningMixin, AnomalibModule):
         lr: float = 1e-4,
         weight_decay: float = 1e-4,
         lr_schedule: LRSchedule = "step",
+        warmup_steps: int = 0,
+        gradient_clip_val: float | None = None,
         bf16: bool = True,
         cache_features: bool = True,
+        recipe: Recipe = "paper",
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
@@ -163,6 +171,9 @@ class ADTRPlus(ADTRLightningMixin, AnomalibModule):
             raise ValueError(msg)
         if any(key.startswith("model.") for key in state):  # a Lightning checkpoint of ADTR or ADTR+
             state = {key.removeprefix("model."): value for key, value in state.items() if key.startswith("model.")}
+        if any(key.startswith("reconstructor.") for key in state):  # saved before normalize_features: identity
+            for name in FEATURE_STATISTICS:
+                state.setdefault(name, getattr(self.model, name))
         trained_with = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
         architecture = {key: trained_with[key] for key in _ARCHITECTURE if key in trained_with}
         # Shapes alone miss a different head count or backbone of the same width: compare the saved arguments.

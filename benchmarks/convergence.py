@@ -1,0 +1,266 @@
+"""Learning curves of ADTR training recipes on real data: which lever buys what, per epoch and per second.
+
+Every recipe trains the package's own reconstructor (``ADTRReconstructor``), loss, learning-rate schedule and
+anomaly map on the frozen Lite0 features of each data set, and is tested after the epochs in ``--eval-epochs``:
+pixel AUROC, pixel AUPRO (30% FPR) and image AUROC for several image scores. The backbone features are computed
+once per data set (what ``cache_features`` does inside ADTR), so the curves measure the transformer alone; the
+seconds are training seconds only. Written by hand rather than through ``Engine`` because Lightning would test a
+model once per fit, and a curve needs the test metrics at many points of one run.
+
+Rows are appended to ``--output`` as they finish (the file is never rewritten); a run already there with the
+same settings is skipped, so a stopped ablation resumes. ``benchmarks/plot_convergence.py`` draws the curves
+with PaDiM and PatchCore (from ``adtr-anomalib benchmark --config configs/benchmark/peers.yaml``) as lines.
+
+    python benchmarks/convergence.py --datasets bsdata brick grass gravel --recipes paper fast --seeds 0 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import platform
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from anomalib.metrics import AUPRO
+from torch.nn import functional as F  # noqa: N812
+from torchmetrics.functional.classification import binary_auroc
+
+from adtr_anomalib import ADTR
+from adtr_anomalib.data import default_dataset_root, make_texture_dataset, mvtec_layout_folder
+from adtr_anomalib.models.adtr.anomaly_map import AnomalyMapGenerator
+from adtr_anomalib.models.adtr.lightning_model import lr_scheduler, native_bf16
+from adtr_anomalib.models.adtr.loss import ADTRLoss
+from adtr_anomalib.models.adtr.torch_model import DEFAULT_LAYERS, ADTRModel, ADTRReconstructor
+
+BACKBONE = "tf_efficientnet_lite0"
+SHARED_DATA = Path(os.environ.get("ADTR_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+BF16 = native_bf16(torch.device("cpu"))  # as ADTR's `bf16=True`: only where the CPU computes bf16 natively
+DATASETS = {"bsdata": "bsdata_pitting", "brick": "brick", "grass": "grass", "gravel": "gravel"}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One training recipe: the ADTR arguments that it sets (the rest are the paper's)."""
+
+    dropout: float = 0.1
+    lr: float = 1e-4
+    lr_schedule: str = "step"
+    warmup_steps: int = 0
+    gradient_clip_val: float | None = None
+    feature_jitter: float = 0.0
+    normalize_features: bool = False
+    layers: tuple[str, ...] = DEFAULT_LAYERS
+    num_encoder_layers: int = 4
+    num_decoder_layers: int = 4
+    loss_reduction: str = "sum"
+    batch_size: int = 16
+    image_size: int = 256
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+FAST = Recipe(dropout=0.0, lr=1e-3, lr_schedule="cosine", warmup_steps=100, gradient_clip_val=0.1, feature_jitter=20.0)
+RECIPES: dict[str, Recipe] = {
+    "paper": Recipe(),
+    "fast": FAST,  # the feasibility probe's best: no dropout, warmed-up lr 1e-3, cosine, clip 0.1, jitter 20
+    "fast_nojitter": replace(FAST, feature_jitter=0.0),
+    "fast_norm": replace(FAST, normalize_features=True),
+    "fast_norm_s16": replace(FAST, normalize_features=True, layers=DEFAULT_LAYERS[:4]),  # without the stride-32 stage
+    "fast_norm_2x2": replace(FAST, normalize_features=True, num_encoder_layers=2, num_decoder_layers=2),
+}
+# Image scores compared on the same maps: the paper's max of the 16x16-average-pooled map, and alternatives.
+SCORES = ("pool16_max", "pool32_max", "top1pct_mean", "max")
+
+
+def image_scores(anomaly_map: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each candidate image score of ``(B, 1, H, W)`` maps."""
+    flat = anomaly_map.flatten(1)
+    k = max(1, flat.shape[1] // 100)
+    return {
+        "pool16_max": AnomalyMapGenerator(16).compute_score(anomaly_map),
+        "pool32_max": AnomalyMapGenerator(32).compute_score(anomaly_map),
+        "top1pct_mean": flat.topk(k, dim=1).values.mean(dim=1),
+        "max": flat.amax(dim=1),
+    }
+
+
+@dataclass
+class Split:
+    features: torch.Tensor  # (N, C, h, w)
+    labels: torch.Tensor | None = None  # (N,)
+    masks: torch.Tensor | None = None  # (N, H, W) bool
+
+
+def dataset_root(name: str) -> Path:
+    if name == "bsdata":
+        return SHARED_DATA / DATASETS[name]
+    return make_texture_dataset(default_dataset_root(), name)
+
+
+def load_images(
+    root: Path, image_size: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Pre-processed train batches, test batches, test labels and test masks (resized like anomalib does)."""
+    datamodule = mvtec_layout_folder(root, train_batch_size=32, eval_batch_size=32)
+    datamodule.setup()
+    transform = ADTR.configure_pre_processor((image_size, image_size), backbone=BACKBONE).transform
+    train = [transform(batch.image) for batch in datamodule.train_dataloader()]
+    test, labels, masks = [], [], []
+    for batch in datamodule.test_dataloader():
+        test.append(transform(batch.image))
+        labels.append(batch.gt_label.int())
+        mask = batch.gt_mask.float().reshape(len(batch.image), 1, *batch.gt_mask.shape[-2:])
+        masks.append(F.interpolate(mask, size=(image_size, image_size), mode="nearest")[:, 0].bool())
+    return train, test, torch.cat(labels), torch.cat(masks)
+
+
+def extract(model: ADTRModel, batches: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([model.extract_features(batch) for batch in batches])
+
+
+def features_for(name: str, recipe: Recipe, cache: dict) -> tuple[Split, Split]:
+    """Train and test features of data set ``name`` for the recipe's backbone settings (computed once)."""
+    key = (name, recipe.layers, recipe.image_size, recipe.normalize_features)
+    if key not in cache:
+        image_key = (name, recipe.image_size)
+        if image_key not in cache:
+            cache[image_key] = load_images(dataset_root(name), recipe.image_size)
+        train, test, labels, masks = cache[image_key]
+        model = ADTRModel(
+            backbone=BACKBONE,
+            layers=recipe.layers,
+            input_size=(recipe.image_size, recipe.image_size),
+            normalize_features=recipe.normalize_features,
+        ).eval()
+        if recipe.normalize_features:
+            model.fit_feature_statistics(train)
+        cache[key] = (Split(extract(model, train)), Split(extract(model, test), labels, masks))
+    return cache[key]
+
+
+def evaluate(reconstructor: ADTRReconstructor, test: Split, image_size: int) -> dict[str, float]:
+    """Test metrics of the current reconstructor, maps min-max scaled to [0, 1] as anomalib's post-processor does."""
+    reconstructor.eval()
+    generator = AnomalyMapGenerator(pooling_kernel=16)
+    with torch.no_grad():
+        maps = torch.cat(
+            [
+                generator.compute_anomaly_map(chunk, reconstructor(chunk), (image_size, image_size))
+                for chunk in test.features.split(32)
+            ]
+        )
+    reconstructor.train()
+    maps = (maps - maps.min()) / (maps.max() - maps.min()).clamp_min(1e-12)
+    aupro = AUPRO(fields=["anomaly_map", "gt_mask"], fpr_limit=0.3, strict=False)
+    aupro.update(SimpleNamespace(anomaly_map=maps[:, 0], gt_mask=test.masks))
+    metrics = {
+        "pixel_AUROC": float(binary_auroc(maps[:, 0].flatten(), test.masks.flatten().int())),
+        "pixel_AUPRO": float(aupro.compute()),
+    }
+    for score_name, scores in image_scores(maps).items():
+        metrics[f"image_AUROC_{score_name}"] = float(binary_auroc(scores, test.labels))
+    return metrics
+
+
+def train_curve(recipe: Recipe, train: Split, test: Split, seed: int, eval_epochs: list[int]) -> list[dict[str, Any]]:
+    """Train one reconstructor for ``max(eval_epochs)`` epochs; test it after each epoch in ``eval_epochs``."""
+    torch.manual_seed(seed)
+    num_images, channels, height, width = train.features.shape
+    reconstructor = ADTRReconstructor(
+        in_channels=channels,
+        num_tokens=height * width,
+        num_encoder_layers=recipe.num_encoder_layers,
+        num_decoder_layers=recipe.num_decoder_layers,
+        dropout=recipe.dropout,
+        feature_jitter=recipe.feature_jitter,
+    )
+    loss_fn = ADTRLoss(reduction=recipe.loss_reduction)
+    optimizer = torch.optim.AdamW(reconstructor.parameters(), lr=recipe.lr, weight_decay=1e-4)
+    steps_per_epoch = math.ceil(num_images / recipe.batch_size)
+    epochs = max(eval_epochs)
+    scheduler = lr_scheduler(optimizer, recipe.lr_schedule, steps_per_epoch * epochs, recipe.warmup_steps)
+    generator = torch.Generator().manual_seed(seed)
+    rows, seconds = [], 0.0
+    for epoch in range(1, epochs + 1):
+        started = time.perf_counter()
+        for index in torch.randperm(num_images, generator=generator).split(recipe.batch_size):
+            features = train.features[index]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=BF16):
+                reconstruction = reconstructor(features)
+            loss = loss_fn(features, reconstruction.float())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if recipe.gradient_clip_val is not None:
+                torch.nn.utils.clip_grad_norm_(reconstructor.parameters(), recipe.gradient_clip_val)
+            optimizer.step()
+            scheduler.step()
+        seconds += time.perf_counter() - started
+        if epoch in eval_epochs:
+            metrics = evaluate(reconstructor, test, recipe.image_size)
+            rows.append({"epoch": epoch, "train_seconds": round(seconds, 1), "loss": float(loss), **metrics})
+            print(f"  epoch {epoch:3d} {seconds:7.0f} s  " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
+    return rows
+
+
+def provenance() -> dict[str, str]:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
+    return {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "commit": commit.stdout.strip() or "unknown",
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {'bf16' if BF16 else 'fp32'} training",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--eval-epochs", nargs="+", type=int, default=[2, 4, 6, 8, 12])
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/convergence.csv"))
+    args = parser.parse_args()
+    eval_epochs = sorted(set(args.eval_epochs))
+    done = set()
+    if args.output.exists():
+        with args.output.open(newline="") as handle:
+            done = {(r["dataset"], r["recipe"], r["seed"], r["settings"]) for r in csv.DictReader(handle)}
+    cache: dict = {}
+    for dataset in args.datasets:
+        for recipe_name in args.recipes:
+            recipe = RECIPES[recipe_name]
+            settings = repr({**asdict(recipe), "eval_epochs": eval_epochs})
+            for seed in args.seeds:
+                if (dataset, recipe_name, str(seed), settings) in done:
+                    continue
+                print(f"{dataset} {recipe_name} seed {seed}", flush=True)
+                train, test = features_for(dataset, recipe, cache)
+                rows = train_curve(recipe, train, test, seed, eval_epochs)
+                write_rows(args.output, dataset, recipe_name, seed, settings, rows)
+
+
+def write_rows(path: Path, dataset: str, recipe: str, seed: int, settings: str, rows: list[dict[str, Any]]) -> None:
+    """Append one run's rows (the header once); earlier rows are never rewritten."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    records = [
+        {"dataset": dataset, "recipe": recipe, "seed": seed, **row, **provenance(), "settings": settings}
+        for row in rows
+    ]
+    new = not path.exists()
+    with path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(records[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(records)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Draw the learning curves of ``benchmarks/convergence.py`` with PaDiM and PatchCore as horizontal lines.
+
+Reads the curves (``--curves``) and a benchmark's ``results.csv`` for the peers (``--peers``: PaDiM and
+PatchCore on the same full data, backbone weights and metrics); writes the figure and a summary CSV with the
+mean, standard deviation and range over seeds at every evaluated epoch.
+
+    python benchmarks/plot_convergence.py \
+        --peers benchmarks/results/recommended.csv --figure docs/convergence.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib as mpl
+
+mpl.use("Agg")
+import matplotlib.pyplot as plt
+
+METRICS = (("pixel_AUROC", "pixel AUROC"), ("pixel_AUPRO", "pixel AUPRO"), ("image_AUROC_pool16_max", "image AUROC"))
+PEER_STYLES = {"PaDiM": ("black", "--"), "PatchCore": ("grey", ":")}
+# Data set names of convergence.py -> the benchmark's data set labels.
+BENCHMARK_NAMES = {"bsdata": "bsdata_pitting"}
+
+
+def read(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def summarise(curves: list[dict[str, str]]) -> list[dict[str, object]]:
+    """Mean, std and range over seeds for every (data set, recipe, epoch) and metric; the latest run of a seed."""
+    latest: dict[tuple[str, str, str, str], dict[str, str]] = {}
+    for row in curves:
+        latest[(row["dataset"], row["recipe"], row["epoch"], row["seed"])] = row
+    groups: dict[tuple[str, str, int], list[dict[str, str]]] = defaultdict(list)
+    for (dataset, recipe, epoch, _seed), row in latest.items():
+        groups[(dataset, recipe, int(epoch))].append(row)
+    summary = []
+    for (dataset, recipe, epoch), rows in sorted(groups.items()):
+        entry: dict[str, object] = {"dataset": dataset, "recipe": recipe, "epoch": epoch, "seeds": len(rows)}
+        entry["train_seconds"] = round(statistics.fmean(float(r["train_seconds"]) for r in rows))
+        for key in [k for k in rows[0] if k.startswith(("pixel_", "image_"))]:
+            values = [float(r[key]) for r in rows]
+            entry[f"{key}_mean"] = round(statistics.fmean(values), 4)
+            entry[f"{key}_std"] = round(statistics.pstdev(values), 4)
+            entry[f"{key}_min"] = round(min(values), 4)
+            entry[f"{key}_max"] = round(max(values), 4)
+        summary.append(entry)
+    return summary
+
+
+def peers(path: Path | None) -> dict[tuple[str, str], dict[str, float]]:
+    """(benchmark data set, model) -> mean metrics and fit seconds over its seeds."""
+    if path is None:
+        return {}
+    groups: dict[tuple[str, str], list[dict[str, str]]] = defaultdict(list)
+    for row in read(path):
+        if row["status"] == "ok" and row["model"] in PEER_STYLES:
+            groups[(row["dataset"], row["model"])].append(row)
+    return {
+        key: {
+            column: statistics.fmean(float(r[column]) for r in rows)
+            for column in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO", "fit_s")
+        }
+        for key, rows in groups.items()
+    }
+
+
+def plot(summary: list[dict[str, object]], peer_rows: dict, figure: Path, x: str) -> None:
+    datasets = list(dict.fromkeys(str(e["dataset"]) for e in summary))
+    recipes = list(dict.fromkeys(str(e["recipe"]) for e in summary))
+    fig, axes = plt.subplots(len(datasets), len(METRICS), figsize=(4.2 * len(METRICS), 3.0 * len(datasets)))
+    axes = [axes] if len(datasets) == 1 else axes
+    for row_axes, dataset in zip(axes, datasets, strict=True):
+        for ax, (metric, title) in zip(row_axes, METRICS, strict=True):
+            for recipe in recipes:
+                points = [e for e in summary if e["dataset"] == dataset and e["recipe"] == recipe]
+                if not points:
+                    continue
+                xs = [float(e[x]) / (60 if x == "train_seconds" else 1) for e in points]
+                ax.plot(xs, [e[f"{metric}_mean"] for e in points], marker="o", label=f"ADTR {recipe}")
+                ax.fill_between(
+                    xs, [e[f"{metric}_min"] for e in points], [e[f"{metric}_max"] for e in points], alpha=0.2
+                )
+            peer_metric = "image_AUROC" if metric.startswith("image_") else metric
+            for model, (color, style) in PEER_STYLES.items():
+                values = peer_rows.get((BENCHMARK_NAMES.get(dataset, dataset), model))
+                if values is not None:
+                    ax.axhline(values[peer_metric], color=color, linestyle=style, label=model)
+            ax.set_title(f"{dataset}: {title}")
+            ax.set_xlabel("training minutes" if x == "train_seconds" else "epoch")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(figure, dpi=70)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--curves", type=Path, default=Path("benchmarks/results/convergence.csv"))
+    parser.add_argument("--peers", type=Path, help="results.csv of an adtr-anomalib benchmark with PaDiM/PatchCore")
+    parser.add_argument("--summary", type=Path, default=Path("benchmarks/results/convergence_summary.csv"))
+    parser.add_argument("--figure", type=Path, default=Path("docs/convergence.png"))
+    parser.add_argument("--x", choices=["epoch", "train_seconds"], default="train_seconds")
+    args = parser.parse_args()
+    summary = summarise(read(args.curves))
+    with args.summary.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(summary[0]))
+        writer.writeheader()
+        writer.writerows(summary)
+    plot(summary, peers(args.peers), args.figure, args.x)
+    print(f"wrote {args.summary} and {args.figure}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Training speed of ADTR's transformer on cached features, against the machine's measured matmul peak.
+
+One process measures, in this order: the float32 and bfloat16 matmul peaks (2048x2048 products), then training
+images/s of the reconstructor (forward, backward, AdamW step) on random features of the Lite0 shape (512
+channels, 16x16 tokens, batch 16) for the paper's configuration and for the "fast" recipe. FLOPs are counted by
+``torch.utils.flop_counter`` over one real step, not estimated. Training runs in bf16 where the CPU computes it
+natively (``native_bf16``) and in float32 elsewhere, as ``ADTR(bf16=True)`` does; the percentage is of the peak
+of the precision that actually ran. The row "paper, bf16 forced" is the code path before this fix (bf16 autocast
+on every CPU), run for one step.
+
+    python benchmarks/training_speed.py
+    python benchmarks/training_speed.py --steps 10 --output benchmarks/results/training_speed.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from adtr_anomalib.models.adtr.lightning_model import RECIPES, native_bf16
+from adtr_anomalib.models.adtr.loss import ADTRLoss
+from adtr_anomalib.models.adtr.torch_model import ADTRReconstructor
+
+CHANNELS, TOKENS, BATCH = 512, 256, 16
+
+
+def matmul_peak(dtype: torch.dtype, size: int = 2048, seconds: float = 3.0) -> float:
+    """Best GFLOP/s of ``size``-square products in ``dtype`` over about ``seconds``."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b  # warm-up
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        started = time.perf_counter()
+        a @ b
+        best = max(best, 2 * size**3 / (time.perf_counter() - started) / 1e9)
+    return best
+
+
+def training_step(reconstructor: ADTRReconstructor, optimizer: torch.optim.Optimizer, bf16: bool) -> None:
+    features = torch.randn(BATCH, CHANNELS, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        reconstruction = reconstructor(features)
+    loss = ADTRLoss()(features, reconstruction.float())
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(reconstructor.parameters(), 0.1)
+    optimizer.step()
+
+
+def measure(dropout: float, jitter: float, bf16: bool, steps: int) -> tuple[float, float]:
+    """(images/s, GFLOP per image) of training steps with these settings."""
+    torch.manual_seed(0)
+    reconstructor = ADTRReconstructor(CHANNELS, TOKENS, dropout=dropout, feature_jitter=jitter).train()
+    optimizer = torch.optim.AdamW(reconstructor.parameters(), lr=1e-4)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        training_step(reconstructor, optimizer, bf16)  # also the warm-up
+    started = time.perf_counter()
+    for _ in range(steps):
+        training_step(reconstructor, optimizer, bf16)
+    seconds = time.perf_counter() - started
+    return steps * BATCH / seconds, counter.get_total_flops() / BATCH / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per configuration (batch 16)")
+    parser.add_argument("--output", type=Path, help="append the rows to this CSV file")
+    args = parser.parse_args()
+    bf16 = native_bf16(torch.device("cpu"))
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    precision = "bf16" if bf16 else "fp32"
+    fast = RECIPES["fast"]
+    configurations = [
+        ("paper", 0.1, 0.0, bf16, args.steps),
+        ("fast", fast["dropout"], fast["feature_jitter"], bf16, args.steps),
+    ]
+    if not bf16:
+        configurations.insert(0, ("paper, bf16 forced (before the fix)", 0.1, 0.0, True, 1))
+    print(f"matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s; training in {precision}")
+    rows = []
+    for name, dropout, jitter, use_bf16, steps in configurations:
+        images_per_second, gflop = measure(dropout, jitter, use_bf16, steps)
+        ran = "bf16" if use_bf16 else "fp32"
+        rate = images_per_second * gflop
+        rows.append(
+            {
+                "configuration": name,
+                "precision": ran,
+                "img_per_s": round(images_per_second, 2),
+                "gflop_per_img": round(gflop, 2),
+                "gflop_per_s": round(rate, 1),
+                "peak_gflop_per_s": round(peaks[ran], 1),
+                "pct_of_peak": round(100 * rate / peaks[ran], 1),
+            }
+        )
+        print(
+            f"{name:<38} {ran}  {images_per_second:6.2f} img/s  {gflop:5.2f} GFLOP/img  {rate:6.1f} GFLOP/s  "
+            f"{100 * rate / peaks[ran]:5.1f}% of the {ran} peak"
+        )
+    if args.output is not None:
+        write(args.output, rows)
+    best = rows[-1]
+    print(
+        f"training: {best['img_per_s']} img/s, {best['gflop_per_s']} GFLOP/s, {best['pct_of_peak']}% of the "
+        f"{best['precision']} matmul peak"
+    )
+
+
+def write(path: Path, rows: list[dict]) -> None:
+    """Append rows with date, commit and machine (the file keeps every earlier run)."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
+    stamp = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "commit": commit.stdout.strip(),
+        "machine": f"{platform.processor() or platform.machine()} {os.cpu_count()} cores, "
+        f"{torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}",
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[*stamp, *rows[0]])
+        if new:
+            writer.writeheader()
+        writer.writerows({**stamp, **row} for row in rows)
+
+
+if __name__ == "__main__":
+    main()

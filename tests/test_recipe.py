@@ -1,0 +1,201 @@
+"""The training levers of the "fast" recipe: feature jitter, feature normalisation, warmup, clipping, the recipe."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from anomalib.data.utils import ValSplitMode
+
+from adtr_anomalib import ADTR, ADTRPlus
+from adtr_anomalib.data import mvtec_layout_folder
+from adtr_anomalib.models.adtr import lightning_model
+from adtr_anomalib.models.adtr.lightning_model import RECIPES, lr_scheduler
+from adtr_anomalib.models.adtr.torch_model import FEATURE_STATISTICS, ADTRModel, ADTRReconstructor
+from tests.conftest import TINY
+from tests.helpers import make_folder, tiny_adtr, tiny_engine
+
+
+def test_feature_jitter_scale_follows_the_token_norm() -> None:
+    reconstructor = ADTRReconstructor(in_channels=64, num_tokens=4, feature_jitter=20.0, **TINY)
+    tokens = torch.randn(8, 4096, 64) * torch.linspace(0.1, 10, 4096)[None, :, None]
+    noise = reconstructor.add_jitter(tokens) - tokens
+    # Per token, the noise std is feature_jitter * ||token|| / C.
+    ratio = noise.std(dim=(0, 2)) / (20.0 * tokens.norm(dim=-1).mean(0) / 64)
+    assert ratio.mean() == pytest.approx(1.0, abs=0.05)
+    assert ratio.std() < 0.2
+
+
+def test_feature_jitter_only_in_training() -> None:
+    features = torch.randn(2, 48, 4, 4)
+    jittered = ADTRReconstructor(in_channels=48, num_tokens=16, dropout=0.0, feature_jitter=20.0, **TINY)
+    clean = ADTRReconstructor(in_channels=48, num_tokens=16, dropout=0.0, **TINY)
+    clean.load_state_dict(jittered.state_dict())
+    jittered.eval(), clean.eval()
+    torch.testing.assert_close(jittered(features), clean(features))
+    jittered.train(), clean.train()
+    assert not torch.allclose(jittered(features), clean(features))
+
+
+def _model(normalize: bool) -> ADTRModel:
+    return ADTRModel(
+        "tf_efficientnet_lite0",
+        layers=("blocks.1", "blocks.2"),
+        pre_trained=False,
+        input_size=(32, 32),
+        feature_stride=8,
+        pooling_kernel=8,
+        normalize_features=normalize,
+        **TINY,
+    ).eval()
+
+
+def test_normalised_training_features_have_zero_mean_unit_std() -> None:
+    model = _model(normalize=True)
+    images = torch.rand(12, 3, 32, 32)
+    raw = model.extract_features(images)
+    assert model.needs_feature_statistics
+    model.fit_feature_statistics(images.split(5))  # batching must not matter
+    assert not model.needs_feature_statistics
+    normalised = model.extract_features(images)
+    torch.testing.assert_close(normalised.mean(dim=(0, 2, 3)), torch.zeros(raw.shape[1]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(normalised.std(dim=(0, 2, 3), correction=0), torch.ones(raw.shape[1]), atol=1e-3, rtol=0)
+    expected = (raw - raw.mean(dim=(0, 2, 3), keepdim=True)) / raw.std(dim=(0, 2, 3), correction=0, keepdim=True)
+    torch.testing.assert_close(normalised, expected, atol=1e-3, rtol=1e-3)
+
+
+def test_feature_statistics_travel_with_the_state_dict() -> None:
+    fitted = _model(normalize=True)
+    fitted.fit_feature_statistics([torch.rand(4, 3, 32, 32)])
+    restored = _model(normalize=False)  # the statistics, not the flag, decide what the network computes
+    restored.load_state_dict(fitted.state_dict())
+    images = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(restored.extract_features(images), fitted.extract_features(images))
+    assert not restored.needs_feature_statistics
+
+
+def test_empty_training_set_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="no images"):
+        _model(normalize=True).fit_feature_statistics([])
+
+
+def test_lr_schedule_warmup_cosine_and_step() -> None:
+    def factors(schedule: str, total: int, warmup: int) -> list[float]:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = lr_scheduler(optimizer, schedule, total, warmup)
+        values = []
+        for _ in range(total):
+            values.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return values
+
+    cosine = factors("cosine", total=200, warmup=100)
+    assert cosine[:3] == pytest.approx([0.01, 0.02, 0.03])  # linear warmup
+    assert cosine[99] == pytest.approx(1.0)
+    assert cosine[100] == pytest.approx(1.0)  # the decay starts at the peak
+    assert cosine[150] == pytest.approx(0.01 + 0.99 * 0.5)
+    assert cosine[-1] == pytest.approx(0.01, abs=1e-3)
+    assert all(a >= b for a, b in itertools.pairwise(cosine[100:]))
+    step = factors("step", total=100, warmup=0)
+    assert step[79] == 1.0
+    assert step[80] == pytest.approx(0.1)
+
+
+def test_fast_recipe_sets_only_what_was_left_at_the_default() -> None:
+    model = ADTR(backbone="tf_efficientnet_lite0", recipe="fast", lr=5e-4, pre_trained=False)
+    assert model.hparams.lr == 5e-4  # given explicitly: wins over the recipe
+    for key, value in RECIPES["fast"].items():
+        if key != "lr":
+            assert model.hparams[key] == value, key
+    assert model.model.normalize_features
+    assert model.model.reconstructor.feature_jitter == 20.0
+    assert model.trainer_arguments["gradient_clip_val"] == 0.1
+    paper = ADTR(backbone="tf_efficientnet_lite0", pre_trained=False)
+    assert paper.hparams.dropout == 0.1
+    assert paper.trainer_arguments["gradient_clip_val"] is None
+    plus = ADTRPlus(backbone="tf_efficientnet_lite0", recipe="fast", pre_trained=False)
+    assert plus.model.normalize_features
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"recipe": "fastest"}, "recipe must be one of"),
+        ({"warmup_steps": -1}, "warmup_steps"),
+        ({"warmup_steps": 2.5}, "warmup_steps"),
+        ({"gradient_clip_val": 0.0}, "gradient_clip_val"),
+        ({"gradient_clip_val": math.nan}, "gradient_clip_val"),
+        ({"feature_jitter": -1.0}, "feature_jitter"),
+        ({"feature_jitter": math.nan}, "feature_jitter"),
+    ],
+)
+def test_bad_recipe_arguments_name_the_parameter(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ADTR(backbone="tf_efficientnet_lite0", pre_trained=False, **kwargs)
+
+
+def test_training_fits_feature_statistics_once_and_checkpoints_them(tmp_path: Path) -> None:
+    root = make_folder(tmp_path / "part", n_train=6)
+    datamodule = mvtec_layout_folder(root, train_batch_size=4, eval_batch_size=4, seed=0)
+    model = tiny_adtr(pre_trained=False, normalize_features=True, gradient_clip_val=0.1, warmup_steps=2)
+    engine = tiny_engine(tmp_path / "results", max_epochs=1)
+    engine.fit(model=model, datamodule=datamodule)
+    assert bool(model.model.feature_statistics_fitted)
+    assert engine.trainer.gradient_clip_val == 0.1
+    mean = model.model.feature_mean.clone()
+    assert mean.abs().sum() > 0
+    ckpt = engine.trainer.checkpoint_callback.best_model_path
+    restored = ADTR.load_from_checkpoint(ckpt)
+    torch.testing.assert_close(restored.model.feature_mean, mean)
+    # Trained further from the checkpoint: the statistics are kept, not fitted again on other images.
+    model.model.fit_feature_statistics = None  # would raise if called
+    engine = tiny_engine(tmp_path / "results", max_epochs=2)
+    engine.fit(model=model, datamodule=datamodule, ckpt_path=ckpt)
+    torch.testing.assert_close(model.model.feature_mean, mean)
+
+
+def test_checkpoint_from_before_feature_statistics_loads_as_identity(tmp_path: Path) -> None:
+    root = make_folder(tmp_path / "part", n_train=4)
+    model = tiny_adtr(pre_trained=False)
+    engine = tiny_engine(tmp_path / "results")
+    engine.fit(model=model, datamodule=mvtec_layout_folder(root, train_batch_size=4, eval_batch_size=4, seed=0))
+    path = Path(engine.trainer.checkpoint_callback.best_model_path)
+    checkpoint = torch.load(path, weights_only=False)
+    for name in FEATURE_STATISTICS:
+        del checkpoint["state_dict"][f"model.{name}"]
+    for key in ("feature_jitter", "normalize_features", "warmup_steps", "gradient_clip_val", "recipe"):
+        checkpoint["hyper_parameters"].pop(key)
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    restored = ADTR.load_from_checkpoint(old)
+    assert torch.equal(restored.model.feature_std, torch.ones_like(restored.model.feature_std))
+    assert not bool(restored.model.feature_statistics_fitted)
+
+
+def test_bf16_only_where_the_hardware_computes_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_adtr(pre_trained=False)
+    dtypes = []
+    model.model.reconstructor.input_proj.register_forward_hook(lambda _m, _i, out: dtypes.append(out.dtype))
+    features = torch.randn(2, *model.model.extract_features(torch.rand(1, 3, 32, 32)).shape[1:])
+    monkeypatch.setattr(lightning_model, "native_bf16", lambda _device: False)
+    model.reconstruct_for_training(features)
+    monkeypatch.setattr(lightning_model, "native_bf16", lambda _device: True)
+    model.reconstruct_for_training(features)
+    model.hparams.bf16 = False
+    model.reconstruct_for_training(features)
+    assert dtypes == [torch.float32, torch.bfloat16, torch.float32]
+
+
+def test_synthetic_validation_keeps_test_images_out_of_normalisation(tmp_path: Path) -> None:
+    root = make_folder(tmp_path / "part", n_train=10)
+    datamodule = mvtec_layout_folder(root, val_split_mode=ValSplitMode.SYNTHETIC, val_split_ratio=0.2, seed=0)
+    datamodule.setup()
+    test_paths = set(datamodule.test_data.samples.image_path)
+    val_paths = set(datamodule.val_data.samples.image_path)
+    assert not test_paths & val_paths
+    assert len(datamodule.train_data) == 8
+    assert set(datamodule.val_data.samples.label_index) == {0, 1}
