@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-DEMO_EPOCHS = 10
+DEMO_EPOCHS = 8
 DEMO_RECIPE = "fast"
 
 

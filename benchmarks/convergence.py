@@ -11,7 +11,9 @@ Rows are appended to ``--output`` as they finish (the file is never rewritten); 
 same settings is skipped, so a stopped ablation resumes. ``benchmarks/plot_convergence.py`` draws the curves
 with PaDiM and PatchCore (from ``adtr-anomalib benchmark --config configs/benchmark/peers.yaml``) as lines.
 
-    python benchmarks/convergence.py --datasets bsdata brick grass gravel --recipes paper fast --seeds 0 1
+    python benchmarks/convergence.py --datasets bsdata --recipes fast_norm fast --seeds 0 1 --eval-epochs 2 4 6
+    python benchmarks/convergence.py --datasets brick --recipes fast_norm fast --seeds 0 1 --eval-epochs 2 4 6 8
+    python benchmarks/convergence.py --datasets grass gravel --recipes fast_norm --seeds 0 1 --eval-epochs 2 4 6 8
 """
 
 from __future__ import annotations
@@ -205,7 +207,7 @@ def train_curve(recipe: Recipe, train: Split, test: Split, seed: int, eval_epoch
         seconds += time.perf_counter() - started
         if epoch in eval_epochs:
             metrics = evaluate(reconstructor, test, recipe.image_size)
-            rows.append({"epoch": epoch, "train_seconds": round(seconds, 1), "loss": float(loss), **metrics})
+            rows.append({"epoch": epoch, "train_seconds": round(seconds, 1), "loss": float(loss.detach()), **metrics})
             print(f"  epoch {epoch:3d} {seconds:7.0f} s  " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
     return rows
 
@@ -227,7 +229,10 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--eval-epochs", nargs="+", type=int, default=[2, 4, 6, 8, 12])
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/convergence.csv"))
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     eval_epochs = sorted(set(args.eval_epochs))
     done = set()
     if args.output.exists():

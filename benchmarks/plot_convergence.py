@@ -4,8 +4,7 @@ Reads the curves (``--curves``) and a benchmark's ``results.csv`` for the peers 
 PatchCore on the same full data, backbone weights and metrics); writes the figure and a summary CSV with the
 mean, standard deviation and range over seeds at every evaluated epoch.
 
-    python benchmarks/plot_convergence.py \
-        --peers benchmarks/results/recommended.csv --figure docs/convergence.png
+    python benchmarks/plot_convergence.py --peers benchmarks/results/recommended.csv benchmarks/results/peers.csv
 """
 
 from __future__ import annotations
@@ -54,12 +53,10 @@ def summarise(curves: list[dict[str, str]]) -> list[dict[str, object]]:
     return summary
 
 
-def peers(path: Path | None) -> dict[tuple[str, str], dict[str, float]]:
+def peers(paths: list[Path]) -> dict[tuple[str, str], dict[str, float]]:
     """(benchmark data set, model) -> mean metrics and fit seconds over its seeds."""
-    if path is None:
-        return {}
     groups: dict[tuple[str, str], list[dict[str, str]]] = defaultdict(list)
-    for row in read(path):
+    for row in (row for path in paths for row in read(path)):
         if row["status"] == "ok" and row["model"] in PEER_STYLES:
             groups[(row["dataset"], row["model"])].append(row)
     return {
@@ -104,7 +101,13 @@ def plot(summary: list[dict[str, object]], peer_rows: dict, figure: Path, x: str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--curves", type=Path, default=Path("benchmarks/results/convergence.csv"))
-    parser.add_argument("--peers", type=Path, help="results.csv of an adtr-anomalib benchmark with PaDiM/PatchCore")
+    parser.add_argument(
+        "--peers",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="results.csv files of adtr-anomalib benchmarks with PaDiM/PatchCore",
+    )
     parser.add_argument("--summary", type=Path, default=Path("benchmarks/results/convergence_summary.csv"))
     parser.add_argument("--figure", type=Path, default=Path("docs/convergence.png"))
     parser.add_argument("--x", choices=["epoch", "train_seconds"], default="train_seconds")

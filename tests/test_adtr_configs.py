@@ -29,3 +29,13 @@ def test_config_builds_the_model_without_downloading(name: str) -> None:
     assert isinstance(model, ADTR)
     assert model.hparams.backbone == BACKBONES[name]
     assert not bool(model.model.backbone_weights_loaded)  # weights come when training starts, not at parse time
+
+
+def test_recommended_offline_config_uses_the_fast_recipe_and_held_out_validation() -> None:
+    init = AnomalibCLI(["train", "-c", str(CONFIGS / "lite0_offline.yaml")], run=False).config_init["train"]
+    model, data = init["model"], init["data"]
+    assert model.hparams.recipe == "fast"
+    assert model.hparams.normalize_features
+    assert model.hparams.dropout == 0.0
+    assert str(data.val_split_mode) in {"synthetic", "ValSplitMode.SYNTHETIC"}
+    assert 0 < data.val_split_ratio <= 0.2  # validation costs a small share of an epoch

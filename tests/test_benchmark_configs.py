@@ -121,3 +121,15 @@ def test_anomalib_benchmark_config_runs_adtr_next_to_padim_and_patchcore(tiny_te
     assert list(table["model.class_path"]) == ["ADTR", "Padim", "Patchcore"]
     assert table["image_AUROC"].between(0, 1).all()
     assert table["pixel_AUROC"].between(0, 1).all()
+
+
+def test_recommended_and_peers_configs_plan_adtr_fast_and_the_peers_on_full_data(bsdata_root, monkeypatch) -> None:
+    monkeypatch.chdir(REPO)
+    recommended = _plan("--config", str(CONFIGS / "recommended.yaml"), "--data", json.dumps([str(bsdata_root)]))
+    assert [job.model.label for job in recommended] == ["ADTR", "PaDiM", "PatchCore"]
+    assert recommended[0].model.init_args == {"recipe": "fast"}
+    peers = _plan("--config", str(CONFIGS / "peers.yaml"))
+    assert sorted({job.data.label for job in peers}) == ["brick", "grass", "gravel"]
+    assert {job.model.label for job in peers} == {"PaDiM", "PatchCore"}
+    config = yaml.safe_load((CONFIGS / "recommended.yaml").read_text())
+    assert "max_train_images" not in config  # full splits

@@ -100,6 +100,9 @@ def test_lr_schedule_warmup_cosine_and_step() -> None:
     assert cosine[150] == pytest.approx(0.01 + 0.99 * 0.5)
     assert cosine[-1] == pytest.approx(0.01, abs=1e-3)
     assert all(a >= b for a, b in itertools.pairwise(cosine[100:]))
+    short = factors("cosine", total=40, warmup=100)  # capped at half of the run
+    assert short[19] == pytest.approx(1.0)
+    assert short[-1] < 0.05
     step = factors("step", total=100, warmup=0)
     assert step[79] == 1.0
     assert step[80] == pytest.approx(0.1)
@@ -139,7 +142,7 @@ def test_bad_recipe_arguments_name_the_parameter(kwargs: dict, match: str) -> No
 
 
 def test_training_fits_feature_statistics_once_and_checkpoints_them(tmp_path: Path) -> None:
-    root = make_folder(tmp_path / "part", n_train=6)
+    root = make_folder(tmp_path / "part", n_train=6, size=48)  # larger than the model's 32 px: pre-processed first
     datamodule = mvtec_layout_folder(root, train_batch_size=4, eval_batch_size=4, seed=0)
     model = tiny_adtr(pre_trained=False, normalize_features=True, gradient_clip_val=0.1, warmup_steps=2)
     engine = tiny_engine(tmp_path / "results", max_epochs=1)
