@@ -75,15 +75,16 @@ def plot(summary: list[dict[str, object]], peer_rows: dict, figure: Path, x: str
     axes = [axes] if len(datasets) == 1 else axes
     for row_axes, dataset in zip(axes, datasets, strict=True):
         for ax, (metric, title) in zip(row_axes, METRICS, strict=True):
-            for recipe in recipes:
+            for index, recipe in enumerate(recipes):  # one colour per recipe in every panel
                 points = [e for e in summary if e["dataset"] == dataset and e["recipe"] == recipe]
                 if not points:
                     continue
                 xs = [float(e[x]) / (60 if x == "train_seconds" else 1) for e in points]
-                ax.plot(xs, [e[f"{metric}_mean"] for e in points], marker="o", label=f"ADTR {recipe}")
-                ax.fill_between(
-                    xs, [e[f"{metric}_min"] for e in points], [e[f"{metric}_max"] for e in points], alpha=0.2
-                )
+                seeds = int(points[-1]["seeds"])
+                label = f"ADTR {recipe} ({seeds} seed{'s' if seeds != 1 else ''})"
+                ax.plot(xs, [e[f"{metric}_mean"] for e in points], marker="o", color=f"C{index}", label=label)
+                minimum, maximum = [e[f"{metric}_min"] for e in points], [e[f"{metric}_max"] for e in points]
+                ax.fill_between(xs, minimum, maximum, color=f"C{index}", alpha=0.2)
             peer_metric = "image_AUROC" if metric.startswith("image_") else metric
             for model, (color, style) in PEER_STYLES.items():
                 values = peer_rows.get((BENCHMARK_NAMES.get(dataset, dataset), model))
@@ -92,7 +93,8 @@ def plot(summary: list[dict[str, object]], peer_rows: dict, figure: Path, x: str
             ax.set_title(f"{dataset}: {title}")
             ax.set_xlabel("training minutes" if x == "train_seconds" else "epoch")
             ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    for row_axes in axes:
+        row_axes[0].legend(fontsize=6)
     fig.tight_layout()
     figure.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(figure, dpi=70)
