@@ -4,7 +4,7 @@ Reads the curves (``--curves``) and a benchmark's ``results.csv`` for the peers 
 PatchCore on the same full data, backbone weights and metrics); writes the figure and a summary CSV with the
 mean, standard deviation and range over seeds at every evaluated epoch.
 
-    python benchmarks/plot_convergence.py --peers benchmarks/results/recommended.csv benchmarks/results/peers.csv
+    python benchmarks/plot_convergence.py --x epoch --peers benchmarks/results/peers/results.csv
 """
 
 from __future__ import annotations

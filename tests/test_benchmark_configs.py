@@ -128,8 +128,8 @@ def test_recommended_and_peers_configs_plan_adtr_fast_and_the_peers_on_full_data
     recommended = _plan("--config", str(CONFIGS / "recommended.yaml"), "--data", json.dumps([str(bsdata_root)]))
     assert [job.model.label for job in recommended] == ["ADTR", "PaDiM", "PatchCore"]
     assert recommended[0].model.init_args == {"recipe": "fast"}
-    peers = _plan("--config", str(CONFIGS / "peers.yaml"))
-    assert sorted({job.data.label for job in peers}) == ["brick", "grass", "gravel"]
+    peers = _plan("--config", str(CONFIGS / "peers.yaml"), "--data", json.dumps(["builtin:brick", str(bsdata_root)]))
+    assert sorted({job.data.label for job in peers}) == ["brick", "bsdata_pitting"]
     assert {job.model.label for job in peers} == {"PaDiM", "PatchCore"}
     config = yaml.safe_load((CONFIGS / "recommended.yaml").read_text())
     assert "max_train_images" not in config  # full splits
