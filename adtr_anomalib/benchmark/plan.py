@@ -20,7 +20,6 @@ from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, Namesp
 
 from adtr_anomalib.benchmark.models import DISPLAY_NAMES, check_model_options, model_key
 from adtr_anomalib.data import (
-    HELD_OUT_VALIDATION,
     TEXTURE_CATEGORIES,
     WithAnomalies,
     default_dataset_root,
@@ -120,7 +119,7 @@ class DataSpec:
                 root = make_texture_dataset(default_dataset_root(), self.entry.removeprefix(BUILTIN))
             else:
                 root = Path(self.entry)
-            return mvtec_layout_folder(root, seed=seed, **HELD_OUT_VALIDATION, **loader)
+            return mvtec_layout_folder(root, seed=seed, **loader)
         parser, namespace = _parse_datamodule(self.entry)
         given = self.entry.get("init_args", {})
         for name, value in {**loader, "seed": seed}.items():
