@@ -32,6 +32,7 @@ import torch
 from anomalib.data.utils import read_image
 from anomalib.deploy import CompressionType, OpenVINOInferencer, TorchInferencer
 from anomalib.engine import Engine
+from lightning.pytorch import seed_everything
 
 from adtr_anomalib import ADTR, ADTRPlus
 from adtr_anomalib.data import ConfettiNoise, WithAnomalies, mvtec_layout_folder
@@ -51,6 +52,7 @@ def _engine(root: Path) -> Engine:
 @pytest.fixture(scope="module")
 def checkpoints(textures_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """An ADTR checkpoint (ImageNet Lite0, one epoch) and an ADTR+ checkpoint continued from it with confetti."""
+    seed_everything(0)  # the same models whichever tests ran before (module fixtures run before `_seed`)
     out = tmp_path_factory.mktemp("trained")
     datamodule = mvtec_layout_folder(textures_root, train_batch_size=8, eval_batch_size=8, seed=0)
     engine = _engine(out / "adtr")
