@@ -71,23 +71,36 @@ def run_demo(
     from lightning.pytorch import seed_everything
 
     from adtr_anomalib import ADTR
-    from adtr_anomalib.data import default_dataset_root, make_texture_dataset, mvtec_layout_folder
+    from adtr_anomalib.data import HELD_OUT_VALIDATION, default_dataset_root, make_texture_dataset, mvtec_layout_folder
     from adtr_anomalib.metrics import inspection_evaluator
+    from adtr_anomalib.post_processing import RankPreservingPostProcessor
 
     if epochs < 1:
         msg = f"--epochs must be at least 1, got {epochs}."
         raise ValueError(msg)
     seed_everything(seed, workers=True)
     root = make_texture_dataset(default_dataset_root(), category) if data is None else Path(data)
-    datamodule = mvtec_layout_folder(root, train_batch_size=batch_size, eval_batch_size=batch_size, seed=seed)
+    # Thresholds from held-back training images (with synthetic anomalies), never from the test images; the
+    # rank-preserving post-processor keeps the test metrics those of the raw scores.
+    datamodule = mvtec_layout_folder(
+        root, train_batch_size=batch_size, eval_batch_size=batch_size, seed=seed, **HELD_OUT_VALIDATION
+    )
     model = ADTR(
         backbone=backbone,
         recipe=recipe,
         **({} if lr is None else {"lr": lr}),
         pre_processor=ADTR.configure_pre_processor((image_size, image_size), backbone=backbone),
+        post_processor=RankPreservingPostProcessor(),
         evaluator=inspection_evaluator(),
     )
-    engine = Engine(max_epochs=epochs, default_root_dir=output, logger=False, deterministic="warn")
+    # Validation only fits thresholds and normalisation: once, after the last epoch.
+    engine = Engine(
+        max_epochs=epochs,
+        check_val_every_n_epoch=epochs,
+        default_root_dir=output,
+        logger=False,
+        deterministic="warn",
+    )
     start = time.perf_counter()
     engine.fit(model=model, datamodule=datamodule)
     fit_seconds = time.perf_counter() - start

@@ -67,6 +67,13 @@ class Recipe:
     batch_size: int = 16
     image_size: int = 256
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    feature_stride: int = 16
+    patch_size: int = 1
+
+
+# Fields added after the first rows were written: left out of a row's settings while at these defaults, so the
+# runs recorded before them still match (and are not run again).
+LATER_FIELDS = {"feature_stride": 16, "patch_size": 1}
 
 
 FAST = Recipe(**RECIPES["fast"])  # the package's "fast" recipe, as ADTR(recipe="fast") trains
@@ -77,6 +84,9 @@ RECIPES_TRIED: dict[str, Recipe] = {
     "fast_no_jitter": replace(FAST, feature_jitter=0.0),  # what the feature jitter buys
     "fast_s16": replace(FAST, layers=DEFAULT_LAYERS[:4]),  # without the stride-32 stage
     "fast_2x2": replace(FAST, num_encoder_layers=2, num_decoder_layers=2),  # half the depth
+    # A stride-8 map at stride-16 attention cost: each token reconstructs a 2x2 block of stride-8 positions.
+    "fast_s8p2": replace(FAST, feature_stride=8, patch_size=2),
+    "fast_s8p2_no32": replace(FAST, feature_stride=8, patch_size=2, layers=DEFAULT_LAYERS[:4]),  # both
 }
 # Image scores compared on the same maps: the paper's max of the 16x16-average-pooled map, and alternatives.
 SCORES = ("pool16_max", "pool32_max", "top1pct_mean", "max")
@@ -99,6 +109,7 @@ class Split:
     features: torch.Tensor  # (N, C, h, w)
     labels: torch.Tensor | None = None  # (N,)
     masks: torch.Tensor | None = None  # (N, H, W) bool
+    stage_channels: tuple[int, ...] = ()  # channels of each backbone stage, in the order of the recipe's layers
 
 
 def dataset_root(name: str) -> Path:
@@ -130,7 +141,7 @@ def extract(model: ADTRModel, batches: list[torch.Tensor]) -> torch.Tensor:
 
 def features_for(name: str, recipe: Recipe, cache: dict) -> tuple[Split, Split]:
     """Train and test features of data set ``name`` for the recipe's backbone settings (computed once)."""
-    key = (name, recipe.layers, recipe.image_size, recipe.normalize_features)
+    key = (name, recipe.layers, recipe.image_size, recipe.normalize_features, recipe.feature_stride)
     if key not in cache:
         image_key = (name, recipe.image_size)
         if image_key not in cache:
@@ -140,26 +151,48 @@ def features_for(name: str, recipe: Recipe, cache: dict) -> tuple[Split, Split]:
             backbone=BACKBONE,
             layers=recipe.layers,
             input_size=(recipe.image_size, recipe.image_size),
+            feature_stride=recipe.feature_stride,
             normalize_features=recipe.normalize_features,
         ).eval()
         if recipe.normalize_features:
             model.fit_feature_statistics(train)
-        cache[key] = (Split(extract(model, train)), Split(extract(model, test), labels, masks))
+        stages = tuple(model.feature_extractor.out_dims)
+        cache[key] = (Split(extract(model, train)), Split(extract(model, test), labels, masks, stages))
     return cache[key]
 
 
 def evaluate(reconstructor: ADTRReconstructor, test: Split, image_size: int) -> dict[str, float]:
-    """Test metrics of the current reconstructor, maps min-max scaled to [0, 1] as anomalib's post-processor does."""
+    """Test metrics of the current reconstructor, maps min-max scaled to [0, 1] (the metrics are rank-based).
+
+    With the stride-32 stage among the features, the map is also scored without its channels (``*_no32``
+    columns): the model is the same, only the channels summed into the distance differ.
+    """
     reconstructor.eval()
-    generator = AnomalyMapGenerator(pooling_kernel=16)
+    keep = None
+    if len(test.stage_channels) == len(DEFAULT_LAYERS):  # the last stage is the stride-32 one
+        keep = slice(0, sum(test.stage_channels[:-1]))
+    full, no32 = [], []
     with torch.no_grad():
-        maps = torch.cat(
-            [
-                generator.compute_anomaly_map(chunk, reconstructor(chunk), (image_size, image_size))
-                for chunk in test.features.split(32)
-            ]
-        )
+        for chunk in test.features.split(32):
+            reconstruction = reconstructor(chunk)
+            full.append(pixel_map(chunk, reconstruction, image_size))
+            if keep is not None:
+                no32.append(pixel_map(chunk[:, keep], reconstruction[:, keep], image_size))
     reconstructor.train()
+    metrics = map_metrics(torch.cat(full), test)
+    if keep is not None:
+        variant = map_metrics(torch.cat(no32), test)
+        metrics.update({f"{name}_no32": variant[name] for name in ("pixel_AUROC", "pixel_AUPRO")})
+        metrics["image_AUROC_no32_pool16_max"] = variant["image_AUROC_pool16_max"]
+    return metrics
+
+
+def pixel_map(features: torch.Tensor, reconstruction: torch.Tensor, image_size: int) -> torch.Tensor:
+    return AnomalyMapGenerator().compute_anomaly_map(features, reconstruction, (image_size, image_size))
+
+
+def map_metrics(maps: torch.Tensor, test: Split) -> dict[str, float]:
+    """Pixel AUROC, pixel AUPRO (30% FPR) and image AUROC of every image score for ``(N, 1, H, W)`` maps."""
     maps = (maps - maps.min()) / (maps.max() - maps.min()).clamp_min(1e-12)
     aupro = AUPRO(fields=["anomaly_map", "gt_mask"], fpr_limit=0.3, strict=False)
     aupro.update(SimpleNamespace(anomaly_map=maps[:, 0], gt_mask=test.masks))
@@ -178,11 +211,12 @@ def train_curve(recipe: Recipe, train: Split, test: Split, seed: int, eval_epoch
     num_images, channels, height, width = train.features.shape
     reconstructor = ADTRReconstructor(
         in_channels=channels,
-        num_tokens=height * width,
+        num_tokens=(height // recipe.patch_size) * (width // recipe.patch_size),
         num_encoder_layers=recipe.num_encoder_layers,
         num_decoder_layers=recipe.num_decoder_layers,
         dropout=recipe.dropout,
         feature_jitter=recipe.feature_jitter,
+        patch_size=recipe.patch_size,
     )
     loss_fn = ADTRLoss(reduction=recipe.loss_reduction)
     optimizer = torch.optim.AdamW(reconstructor.parameters(), lr=recipe.lr, weight_decay=1e-4)
@@ -242,7 +276,8 @@ def main() -> None:
     for dataset in args.datasets:
         for recipe_name in args.recipes:
             recipe = RECIPES_TRIED[recipe_name]
-            settings = repr({**asdict(recipe), "eval_epochs": eval_epochs})
+            fields = {k: v for k, v in asdict(recipe).items() if k not in LATER_FIELDS or v != LATER_FIELDS[k]}
+            settings = repr({**fields, "eval_epochs": eval_epochs})
             for seed in args.seeds:
                 if (dataset, recipe_name, str(seed), settings) in done:
                     continue
@@ -253,15 +288,28 @@ def main() -> None:
 
 
 def write_rows(path: Path, dataset: str, recipe: str, seed: int, settings: str, rows: list[dict[str, Any]]) -> None:
-    """Append one run's rows (the header once); earlier rows are never rewritten."""
+    """Append one run's rows; earlier rows keep their values (new columns are added to the header)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     records = [
         {"dataset": dataset, "recipe": recipe, "seed": seed, **row, **provenance(), "settings": settings}
         for row in rows
     ]
+    columns = list(records[0])
+    if path.exists():
+        with path.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            header, earlier = list(reader.fieldnames or []), list(reader)
+        added = [column for column in columns if column not in header]
+        if added:  # a run with new columns: the file gets them (empty in earlier rows); no value changes
+            header = [*header[: header.index("date")], *added, *header[header.index("date") :]]
+            with path.open("w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=header)
+                writer.writeheader()
+                writer.writerows(earlier)
+        columns = header
     new = not path.exists()
     with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(records[0]))
+        writer = csv.DictWriter(handle, fieldnames=columns)
         if new:
             writer.writeheader()
         writer.writerows(records)

@@ -12,6 +12,8 @@ from sklearn.metrics import roc_auc_score
 
 from adtr_anomalib import ADTR
 from adtr_anomalib.data import mvtec_layout_folder
+from adtr_anomalib.models.adtr.torch_model import ADTRModel
+from tests.conftest import TINY
 
 
 def small_adtr(image_size: int = 128, model_class: type = ADTR, **kwargs: object) -> ADTR:
@@ -107,3 +109,9 @@ def tiny_engine(out: Path, **kwargs: object) -> Engine:
     """A quiet CPU Engine writing under ``out``."""
     options = {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": False}
     return Engine(default_root_dir=out, enable_model_summary=False, **{**options, **kwargs})
+
+
+def tiny_torch_model(size: int = 32, **kwargs: object) -> ADTRModel:
+    """Random-weight Lite0 ``ADTRModel`` on two stages with the one-layer transformer, in eval mode."""
+    options = {"layers": ("blocks.1", "blocks.2"), "feature_stride": 8, "pooling_kernel": 8, **TINY, **kwargs}
+    return ADTRModel("tf_efficientnet_lite0", pre_trained=False, input_size=(size, size), **options).eval()

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 from anomalib.cli import AnomalibCLI
+from anomalib.data.utils import ValSplitMode
 
 from adtr_anomalib import ADTR
+from adtr_anomalib.post_processing import RankPreservingPostProcessor
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "adtr"
 BACKBONES = {
@@ -37,4 +39,6 @@ def test_recommended_offline_config_uses_the_fast_recipe_and_held_out_validation
     assert model.hparams.recipe == "fast"
     assert model.hparams.normalize_features
     assert model.hparams.dropout == 0.0
-    assert data is not None
+    assert isinstance(model.post_processor, RankPreservingPostProcessor)
+    assert data.val_split_mode == ValSplitMode.SYNTHETIC  # thresholds never from the test images
+    assert init["trainer"]["check_val_every_n_epoch"] == init["trainer"]["max_epochs"]

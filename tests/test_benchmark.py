@@ -7,11 +7,14 @@ import statistics
 
 import pytest
 import torch
+from anomalib.data.utils import ValSplitMode
 
 from adtr_anomalib.benchmark import build_model, markdown_table, write_csv
+from adtr_anomalib.benchmark.plan import DataSpec
 from adtr_anomalib.benchmark.report import NUMERIC, summarise, summary_table
 from adtr_anomalib.data import mvtec_layout_folder, subsample_splits
 from adtr_anomalib.models.components import offline_weights_file
+from adtr_anomalib.post_processing import RankPreservingPostProcessor
 
 
 @pytest.mark.parametrize("name", ["padim", "patchcore"])
@@ -100,3 +103,16 @@ def test_subset_limits_must_be_positive_integers(tiny_textures_root) -> None:
     datamodule.setup()
     with pytest.raises(ValueError, match="max_test_images_per_label must be a positive integer"):
         subsample_splits(datamodule, max_test_images_per_label=0)
+
+
+@pytest.mark.parametrize("name", ["adtr", "padim", "patchcore"])
+def test_every_model_keeps_its_raw_score_ranking_in_the_test_metrics(name: str) -> None:
+    assert isinstance(build_model(name, image_size=64).post_processor, RankPreservingPostProcessor)
+
+
+def test_thresholds_come_from_held_back_training_images_not_the_test_images(tiny_textures_root) -> None:
+    datamodule = DataSpec("tiny", str(tiny_textures_root)).build(seed=0, batch_size=4, num_workers=0)
+    assert datamodule.val_split_mode == ValSplitMode.SYNTHETIC
+    datamodule.setup()
+    test = set(datamodule.test_data.samples["image_path"])
+    assert not test & set(datamodule.val_data.samples["image_path"])

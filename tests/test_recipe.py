@@ -16,7 +16,7 @@ from adtr_anomalib.models.adtr import lightning_model
 from adtr_anomalib.models.adtr.lightning_model import RECIPES, lr_scheduler
 from adtr_anomalib.models.adtr.torch_model import FEATURE_STATISTICS, ADTRModel, ADTRReconstructor
 from tests.conftest import TINY
-from tests.helpers import make_folder, tiny_adtr, tiny_engine
+from tests.helpers import make_folder, tiny_adtr, tiny_engine, tiny_torch_model
 
 
 def test_feature_jitter_scale_follows_the_token_norm() -> None:
@@ -41,16 +41,7 @@ def test_feature_jitter_only_in_training() -> None:
 
 
 def _model(normalize: bool) -> ADTRModel:
-    return ADTRModel(
-        "tf_efficientnet_lite0",
-        layers=("blocks.1", "blocks.2"),
-        pre_trained=False,
-        input_size=(32, 32),
-        feature_stride=8,
-        pooling_kernel=8,
-        normalize_features=normalize,
-        **TINY,
-    ).eval()
+    return tiny_torch_model(normalize_features=normalize)
 
 
 def test_normalised_training_features_have_zero_mean_unit_std() -> None:
@@ -170,7 +161,7 @@ def test_checkpoint_from_before_feature_statistics_loads_as_identity(tmp_path: P
     checkpoint = torch.load(path, weights_only=False)
     for name in FEATURE_STATISTICS:
         del checkpoint["state_dict"][f"model.{name}"]
-    for key in ("feature_jitter", "normalize_features", "warmup_steps", "gradient_clip_val", "recipe"):
+    for key in ("feature_jitter", "normalize_features", "warmup_steps", "gradient_clip_val", "recipe", "patch_size"):
         checkpoint["hyper_parameters"].pop(key)
     old = tmp_path / "old.ckpt"
     torch.save(checkpoint, old)

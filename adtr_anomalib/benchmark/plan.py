@@ -20,6 +20,7 @@ from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, Namesp
 
 from adtr_anomalib.benchmark.models import DISPLAY_NAMES, check_model_options, model_key
 from adtr_anomalib.data import (
+    HELD_OUT_VALIDATION,
     TEXTURE_CATEGORIES,
     WithAnomalies,
     default_dataset_root,
@@ -119,7 +120,8 @@ class DataSpec:
                 root = make_texture_dataset(default_dataset_root(), self.entry.removeprefix(BUILTIN))
             else:
                 root = Path(self.entry)
-            return mvtec_layout_folder(root, seed=seed, **loader)
+            # Thresholds and normalisation from held-back training images, never from the test images.
+            return mvtec_layout_folder(root, seed=seed, **loader, **HELD_OUT_VALIDATION)
         parser, namespace = _parse_datamodule(self.entry)
         given = self.entry.get("init_args", {})
         for name, value in {**loader, "seed": seed}.items():

@@ -15,10 +15,11 @@ from anomalib.data.utils import ValSplitMode
 
 from adtr_anomalib.data.validation import check_folder_layout, list_images
 
-# Validation on held-back training images with anomalib's synthetic (Perlin) anomalies: the post-processor's
-# normalisation and threshold then come from images that are not the test images. Not the default: anomalib's
-# post-processor clamps normalised scores to [0, 1], and real defects weaker than the synthetic ones then tie at 0
-# with normal images, which lowers the test AUROC (README, "The fast recipe"). Pass it to mvtec_layout_folder.
+# Validation on held-back training images (10%) with anomalib's synthetic (Perlin) anomalies: the post-processor's
+# normalisation and threshold then come from images that are not the test images. Use it with
+# adtr_anomalib.post_processing.RankPreservingPostProcessor: anomalib's default post-processor clamps normalised
+# scores to [0, 1], and real defects weaker than the synthetic ones would tie with normal images at 0 in the test
+# metrics. The demo and the benchmark do both. Pass it to mvtec_layout_folder(**HELD_OUT_VALIDATION).
 HELD_OUT_VALIDATION: dict[str, Any] = {"val_split_mode": ValSplitMode.SYNTHETIC, "val_split_ratio": 0.1}
 
 

@@ -66,6 +66,7 @@ MODEL_ARGUMENTS = (
     "backbone",
     "layers",
     "feature_stride",
+    "patch_size",
     "hidden_dim",
     "num_encoder_layers",
     "num_decoder_layers",
@@ -487,6 +488,8 @@ class ADTR(ADTRLightningMixin, AnomalibModule):
             built to load a checkpoint or to export never downloads anything.
         weights: Local backbone weights file (state dict or ``.safetensors``), used instead of a download.
         feature_stride: Stride of the common feature grid.
+        patch_size: Grid positions per token along each side: ``feature_stride=8, patch_size=2`` gives a stride-8
+            anomaly map for about the training cost of stride 16. 1 is the paper's one token per position.
         hidden_dim: Transformer width.
         num_encoder_layers: Encoder depth.
         num_decoder_layers: Decoder depth.
@@ -527,6 +530,7 @@ class ADTR(ADTRLightningMixin, AnomalibModule):
         pre_trained: bool = True,
         weights: str | None = None,
         feature_stride: int = 16,
+        patch_size: int = 1,
         hidden_dim: int = 256,
         num_encoder_layers: int = 4,
         num_decoder_layers: int = 4,

@@ -97,9 +97,13 @@ class ADTRReconstructor(nn.Module):
         in_channels: Channels ``C`` of the concatenated backbone features.
         num_tokens: ``h * w`` positions of the feature grid.
         hidden_dim, num_encoder_layers, num_decoder_layers, num_heads, ffn_dim, dropout: transformer sizes.
-        feature_jitter: Scale of UniAD's feature jitter, added to the input tokens in training only: Gaussian
-            noise with a per-token standard deviation of ``feature_jitter * ||f(:, u)|| / C``. The target stays
+        feature_jitter: Scale of UniAD's feature jitter, added to the input features in training only: Gaussian
+            noise with a per-position standard deviation of ``feature_jitter * ||f(:, u)|| / C``. The target stays
             the clean features, so the network learns to pull noisy inputs back to normal ones. 0 (paper) is off.
+        patch_size: Each token carries a ``patch_size x patch_size`` block of grid positions (as a ViT patch) and
+            reconstructs all of them. With ``feature_stride`` 8 and ``patch_size`` 2 the anomaly map is on a
+            stride-8 grid while attention still runs over stride-16 tokens (a quarter of the positions: attention
+            costs grow with their square). 1 (paper): one token per position.
     """
 
     def __init__(
@@ -113,11 +117,13 @@ class ADTRReconstructor(nn.Module):
         ffn_dim: int = 1024,
         dropout: float = 0.1,
         feature_jitter: float = 0.0,
+        patch_size: int = 1,
     ) -> None:
         super().__init__()
         self.feature_jitter = feature_jitter
-        self.input_proj = nn.Linear(in_channels, hidden_dim)
-        self.output_proj = nn.Linear(hidden_dim, in_channels)
+        self.patch_size = patch_size
+        self.input_proj = nn.Linear(in_channels * patch_size**2, hidden_dim)
+        self.output_proj = nn.Linear(hidden_dim, in_channels * patch_size**2)
         self.pos_embed = nn.Parameter(torch.empty(1, num_tokens, hidden_dim))
         self.query_embed = nn.Parameter(torch.empty(1, num_tokens, hidden_dim))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -132,21 +138,23 @@ class ADTRReconstructor(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Reconstruct ``(B, C, h, w)`` features."""
         batch, _, height, width = features.shape
-        tokens = features.flatten(2).transpose(1, 2)
+        patch = self.patch_size
         if self.training and self.feature_jitter > 0:
-            tokens = self.add_jitter(tokens)
-        tokens = self.input_proj(tokens)
+            features = self.add_jitter(features.movedim(1, -1)).movedim(-1, 1)
+        if patch > 1:
+            features = F.pixel_unshuffle(features, patch)  # (B, C * p * p, h / p, w / p)
+        tokens = self.input_proj(features.flatten(2).transpose(1, 2))
         memory = tokens
         for layer in self.encoder:
             memory = layer(memory, self.pos_embed)
         queries = self.query_embed.expand(batch, -1, -1)
         for layer in self.decoder:
             queries = layer(queries, memory, self.pos_embed)
-        out = self.output_proj(queries)
-        return out.transpose(1, 2).reshape(batch, -1, height, width)
+        out = self.output_proj(queries).transpose(1, 2).reshape(batch, -1, height // patch, width // patch)
+        return F.pixel_shuffle(out, patch) if patch > 1 else out
 
     def add_jitter(self, tokens: torch.Tensor) -> torch.Tensor:
-        """UniAD's feature jitter on ``(B, N, C)`` tokens: noise proportional to each token's norm / C."""
+        """UniAD's feature jitter on ``(..., C)`` features: noise proportional to each position's norm / C."""
         scale = tokens.norm(dim=-1, keepdim=True) * (self.feature_jitter / tokens.shape[-1])
         return tokens + torch.randn_like(tokens) * scale
 
@@ -162,6 +170,7 @@ class ADTRModel(nn.Module):
         input_size: Image size after pre-processing. The query and positional embeddings have one entry
             per feature-grid position, so the size is fixed once the model is built.
         feature_stride: Stride of the common grid all stages are resized to. Paper: 16.
+        patch_size: Grid positions per token along each side (see :class:`ADTRReconstructor`). Paper: 1.
         hidden_dim, num_encoder_layers, num_decoder_layers, num_heads, ffn_dim, dropout: Transformer
             sizes. Paper: 256, 4, 4, 8, 1024, 0.1.
         pooling_kernel: Averaging window for the image score, in pixels. UniAD: 16.
@@ -179,6 +188,7 @@ class ADTRModel(nn.Module):
         weights: str | Path | None = None,
         input_size: tuple[int, int] = (256, 256),
         feature_stride: int = 16,
+        patch_size: int = 1,
         hidden_dim: int = 256,
         num_encoder_layers: int = 4,
         num_decoder_layers: int = 4,
@@ -192,7 +202,16 @@ class ADTRModel(nn.Module):
         super().__init__()
         layers = list(layers)
         indices = _validate(
-            backbone, layers, input_size, feature_stride, hidden_dim, num_heads, pooling_kernel, dropout, feature_jitter
+            backbone,
+            layers,
+            input_size,
+            feature_stride,
+            patch_size,
+            hidden_dim,
+            num_heads,
+            pooling_kernel,
+            dropout,
+            feature_jitter,
         )
         self.layers = layers
         self.backbone = backbone
@@ -203,7 +222,7 @@ class ADTRModel(nn.Module):
         channels = sum(self.feature_extractor.out_dims)
         self.reconstructor = ADTRReconstructor(
             in_channels=channels,
-            num_tokens=self.feature_grid[0] * self.feature_grid[1],
+            num_tokens=(self.feature_grid[0] // patch_size) * (self.feature_grid[1] // patch_size),
             hidden_dim=hidden_dim,
             num_encoder_layers=num_encoder_layers,
             num_decoder_layers=num_decoder_layers,
@@ -211,6 +230,7 @@ class ADTRModel(nn.Module):
             ffn_dim=ffn_dim,
             dropout=dropout,
             feature_jitter=feature_jitter,
+            patch_size=patch_size,
         )
         self.normalize_features = normalize_features
         # Per-channel statistics of the training features. Always present (identity until fitted), so a
@@ -236,7 +256,7 @@ class ADTRModel(nn.Module):
         return source
 
     def extract_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Frozen multi-scale features, each stage resized to the stride-16 grid and concatenated.
+        """Frozen multi-scale features, each stage resized to the ``feature_stride`` grid and concatenated.
 
         Bilinear with ``align_corners=True`` for every stage, down-sampling included, as UniAD does.
         """
@@ -303,6 +323,7 @@ def _validate(
     layers: list[str],
     input_size: tuple[int, int],
     feature_stride: int,
+    patch_size: int,
     hidden_dim: int,
     num_heads: int,
     pooling_kernel: int,
@@ -320,6 +341,14 @@ def _validate(
         raise ValueError(msg)
     if feature_stride < 1 or min(input_size) < feature_stride:
         msg = f"input_size {tuple(input_size)} must be at least feature_stride ({feature_stride}) on each side."
+        raise ValueError(msg)
+    grid = (input_size[0] // feature_stride, input_size[1] // feature_stride)
+    if patch_size < 1 or grid[0] % patch_size or grid[1] % patch_size:
+        msg = (
+            f"patch_size ({patch_size}) must be >= 1 and divide the feature grid {grid[0]}x{grid[1]} "
+            f"(input_size {tuple(input_size)} / feature_stride {feature_stride}); e.g. patch_size 2 needs image "
+            f"sides that are multiples of {2 * feature_stride}."
+        )
         raise ValueError(msg)
     if hidden_dim % num_heads:
         msg = f"hidden_dim ({hidden_dim}) must be divisible by num_heads ({num_heads})."

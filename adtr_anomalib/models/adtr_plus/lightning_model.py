@@ -49,6 +49,7 @@ _ARCHITECTURE = (
     "backbone",
     "layers",
     "feature_stride",
+    "patch_size",
     "hidden_dim",
     "num_encoder_layers",
     "num_decoder_layers",
@@ -69,7 +70,7 @@ class ADTRPlus(ADTRLightningMixin, AnomalibModule):
     exactly ADTR's.
 
     Args:
-        backbone, layers, pre_trained, weights, feature_stride, hidden_dim, num_encoder_layers,
+        backbone, layers, pre_trained, weights, feature_stride, patch_size, hidden_dim, num_encoder_layers,
         num_decoder_layers, num_heads, ffn_dim, dropout, pooling_kernel, feature_jitter, normalize_features: as
             :class:`~adtr_anomalib.ADTR`;
             must match the ADTR checkpoint when one is given.
@@ -95,6 +96,7 @@ class ADTRPlus(ADTRLightningMixin, AnomalibModule):
         pre_trained: bool = True,
         weights: str | None = None,
         feature_stride: int = 16,
+        patch_size: int = 1,
         hidden_dim: int = 256,
         num_encoder_layers: int = 4,
         num_decoder_layers: int = 4,
