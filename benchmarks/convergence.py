@@ -11,20 +11,21 @@ Rows are appended to ``--output`` as they finish (the file is never rewritten); 
 same settings is skipped, so a stopped ablation resumes. ``benchmarks/plot_convergence.py`` draws the curves
 with PaDiM and PatchCore (from ``adtr-anomalib benchmark --config configs/benchmark/peers.yaml``) as lines.
 
-    python benchmarks/convergence.py --datasets bsdata --recipes fast fast_no_norm --seeds 0 1 --eval-epochs 2 4 6
-    python benchmarks/convergence.py --datasets brick --recipes fast fast_no_norm --seeds 0 1 --eval-epochs 2 4 6 8
-    python benchmarks/convergence.py --datasets grass gravel --recipes fast --seeds 0 1 --eval-epochs 2 4 6 8
+    python benchmarks/convergence.py --datasets bsdata --recipes fast fast_full_map --seeds 0 1 --eval-epochs 3 6
+    python benchmarks/convergence.py --datasets brick grass gravel --recipes fast --seeds 0 1 --eval-epochs 4 8
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import math
 import os
 import platform
 import subprocess
 import time
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -69,24 +70,32 @@ class Recipe:
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
     feature_stride: int = 16
     patch_size: int = 1
+    map_layers: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.map_layers is not None:  # RECIPES hold lists; a tuple keeps the dataclass hashable and its repr stable
+            object.__setattr__(self, "map_layers", tuple(self.map_layers))
 
 
 # Fields added after the first rows were written: left out of a row's settings while at these defaults, so the
 # runs recorded before them still match (and are not run again).
-LATER_FIELDS = {"feature_stride": 16, "patch_size": 1}
+LATER_FIELDS = {"feature_stride": 16, "patch_size": 1, "map_layers": None}
 
 
 FAST = Recipe(**RECIPES["fast"])  # the package's "fast" recipe, as ADTR(recipe="fast") trains
+# The recipe before map_layers (its pixel map sums every stage): the ablation arms below were first run from it.
+FULL_MAP = replace(FAST, map_layers=None)
 RECIPES_TRIED: dict[str, Recipe] = {
     "paper": Recipe(),
     "fast": FAST,
-    "fast_no_norm": replace(FAST, normalize_features=False),  # what normalize_features buys
-    "fast_no_jitter": replace(FAST, feature_jitter=0.0),  # what the feature jitter buys
-    "fast_s16": replace(FAST, layers=DEFAULT_LAYERS[:4]),  # without the stride-32 stage
-    "fast_2x2": replace(FAST, num_encoder_layers=2, num_decoder_layers=2),  # half the depth
+    "fast_full_map": FULL_MAP,  # its *_no32 columns are the map of "fast"
+    "fast_no_norm": replace(FULL_MAP, normalize_features=False),  # what normalize_features buys
+    "fast_no_jitter": replace(FULL_MAP, feature_jitter=0.0),  # what the feature jitter buys
+    "fast_s16": replace(FULL_MAP, layers=DEFAULT_LAYERS[:4]),  # without the stride-32 stage, also as input
+    "fast_2x2": replace(FULL_MAP, num_encoder_layers=2, num_decoder_layers=2),  # half the depth
     # A stride-8 map at stride-16 attention cost: each token reconstructs a 2x2 block of stride-8 positions.
-    "fast_s8p2": replace(FAST, feature_stride=8, patch_size=2),
-    "fast_s8p2_no32": replace(FAST, feature_stride=8, patch_size=2, layers=DEFAULT_LAYERS[:4]),  # both
+    "fast_s8p2": replace(FULL_MAP, feature_stride=8, patch_size=2),
+    "fast_s8p2_no32": replace(FULL_MAP, feature_stride=8, patch_size=2, layers=DEFAULT_LAYERS[:4]),  # both
 }
 # Image scores compared on the same maps: the paper's max of the 16x16-average-pooled map, and alternatives.
 SCORES = ("pool16_max", "pool32_max", "top1pct_mean", "max")
@@ -161,27 +170,33 @@ def features_for(name: str, recipe: Recipe, cache: dict) -> tuple[Split, Split]:
     return cache[key]
 
 
-def evaluate(reconstructor: ADTRReconstructor, test: Split, image_size: int) -> dict[str, float]:
+def evaluate(reconstructor: ADTRReconstructor, test: Split, recipe: Recipe) -> dict[str, float]:
     """Test metrics of the current reconstructor, maps min-max scaled to [0, 1] (the metrics are rank-based).
 
-    With the stride-32 stage among the features, the map is also scored without its channels (``*_no32``
-    columns): the model is the same, only the channels summed into the distance differ.
+    The pixel map sums the channels of ``recipe.map_layers`` (all stages when ``None``); the image scores use the
+    map of all stages, as ``ADTRModel`` does. A map of all five stages is also scored without the stride-32
+    stage's channels (``*_no32`` columns): the same model, only the channels summed into the distance differ.
     """
     reconstructor.eval()
-    keep = None
-    if len(test.stage_channels) == len(DEFAULT_LAYERS):  # the last stage is the stride-32 one
-        keep = slice(0, sum(test.stage_channels[:-1]))
-    full, no32 = [], []
+    starts = [0, *itertools.accumulate(test.stage_channels)]
+    map_layers = recipe.map_layers or recipe.layers
+    keep = [c for i, layer in enumerate(recipe.layers) if layer in map_layers for c in range(starts[i], starts[i + 1])]
+    no32 = None
+    if len(map_layers) == len(DEFAULT_LAYERS):  # the last stage is the stride-32 one
+        no32 = list(range(starts[-2]))
+    maps: dict[str, list[torch.Tensor]] = defaultdict(list)
     with torch.no_grad():
         for chunk in test.features.split(32):
             reconstruction = reconstructor(chunk)
-            full.append(pixel_map(chunk, reconstruction, image_size))
-            if keep is not None:
-                no32.append(pixel_map(chunk[:, keep], reconstruction[:, keep], image_size))
+            maps["all"].append(pixel_map(chunk, reconstruction, recipe.image_size))
+            maps["pixel"].append(pixel_map(chunk[:, keep], reconstruction[:, keep], recipe.image_size))
+            if no32 is not None:
+                maps["no32"].append(pixel_map(chunk[:, no32], reconstruction[:, no32], recipe.image_size))
     reconstructor.train()
-    metrics = map_metrics(torch.cat(full), test)
-    if keep is not None:
-        variant = map_metrics(torch.cat(no32), test)
+    pixel = map_metrics(torch.cat(maps["pixel"]), test)
+    metrics = {**map_metrics(torch.cat(maps["all"]), test), **{k: pixel[k] for k in ("pixel_AUROC", "pixel_AUPRO")}}
+    if no32 is not None:
+        variant = map_metrics(torch.cat(maps["no32"]), test)
         metrics.update({f"{name}_no32": variant[name] for name in ("pixel_AUROC", "pixel_AUPRO")})
         metrics["image_AUROC_no32_pool16_max"] = variant["image_AUROC_pool16_max"]
     return metrics
@@ -240,10 +255,15 @@ def train_curve(recipe: Recipe, train: Split, test: Split, seed: int, eval_epoch
             scheduler.step()
         seconds += time.perf_counter() - started
         if epoch in eval_epochs:
-            metrics = evaluate(reconstructor, test, recipe.image_size)
+            metrics = evaluate(reconstructor, test, recipe)
             rows.append({"epoch": epoch, "train_seconds": round(seconds, 1), "loss": float(loss.detach()), **metrics})
             print(f"  epoch {epoch:3d} {seconds:7.0f} s  " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
     return rows
+
+
+def recipe_settings(recipe: Recipe) -> dict[str, Any]:
+    """What a results row records of its recipe (fields added later only where they differ from their default)."""
+    return {k: v for k, v in asdict(recipe).items() if k not in LATER_FIELDS or v != LATER_FIELDS[k]}
 
 
 def provenance() -> dict[str, str]:
@@ -276,8 +296,7 @@ def main() -> None:
     for dataset in args.datasets:
         for recipe_name in args.recipes:
             recipe = RECIPES_TRIED[recipe_name]
-            fields = {k: v for k, v in asdict(recipe).items() if k not in LATER_FIELDS or v != LATER_FIELDS[k]}
-            settings = repr({**fields, "eval_epochs": eval_epochs})
+            settings = repr({**recipe_settings(recipe), "eval_epochs": eval_epochs})
             for seed in args.seeds:
                 if (dataset, recipe_name, str(seed), settings) in done:
                     continue

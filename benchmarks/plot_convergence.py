@@ -10,12 +10,17 @@ mean, standard deviation and range over seeds at every evaluated epoch.
 from __future__ import annotations
 
 import argparse
+import ast
 import csv
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 import matplotlib as mpl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the arms are defined by the sibling convergence.py
+from convergence import RECIPES_TRIED, recipe_settings
 
 mpl.use("Agg")
 import matplotlib.pyplot as plt
@@ -31,10 +36,30 @@ def read(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
+def training_settings(row: dict[str, str]) -> str:
+    """A row's recipe settings without the evaluation epochs: rows of one recipe trained alike share it."""
+    settings = ast.literal_eval(row["settings"])
+    settings.pop("eval_epochs", None)
+    return repr(settings)
+
+
+def label_versions(curves: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Rows labelled by the arm of ``convergence.py`` whose current definition trained them; rows of a definition
+    that no arm has any more are labelled ``<recipe> (<commit of its first row>)``."""
+    arms = {repr(recipe_settings(recipe)): name for name, recipe in RECIPES_TRIED.items()}
+    first_commit: dict[tuple[str, str], str] = {}
+    labelled = []
+    for row in curves:
+        key = (row["recipe"], training_settings(row))
+        first_commit.setdefault(key, row["commit"])
+        labelled.append({**row, "recipe": arms.get(key[1], f"{row['recipe']} ({first_commit[key]})")})
+    return labelled
+
+
 def summarise(curves: list[dict[str, str]]) -> list[dict[str, object]]:
     """Mean, std and range over seeds for every (data set, recipe, epoch) and metric; the latest run of a seed."""
     latest: dict[tuple[str, str, str, str], dict[str, str]] = {}
-    for row in curves:
+    for row in label_versions(curves):
         latest[(row["dataset"], row["recipe"], row["epoch"], row["seed"])] = row
     groups: dict[tuple[str, str, int], list[dict[str, str]]] = defaultdict(list)
     for (dataset, recipe, epoch, _seed), row in latest.items():
@@ -44,7 +69,9 @@ def summarise(curves: list[dict[str, str]]) -> list[dict[str, object]]:
         entry: dict[str, object] = {"dataset": dataset, "recipe": recipe, "epoch": epoch, "seeds": len(rows)}
         entry["train_seconds"] = round(statistics.fmean(float(r["train_seconds"]) for r in rows))
         for key in [k for k in rows[0] if k.startswith(("pixel_", "image_"))]:
-            values = [float(r[key]) for r in rows]
+            values = [float(r[key]) for r in rows if r.get(key)]  # columns added later are empty in older rows
+            if len(values) < len(rows):
+                continue
             entry[f"{key}_mean"] = round(statistics.fmean(values), 4)
             entry[f"{key}_std"] = round(statistics.pstdev(values), 4)
             entry[f"{key}_min"] = round(min(values), 4)
@@ -85,6 +112,16 @@ def plot(summary: list[dict[str, object]], peer_rows: dict, figure: Path, x: str
                 ax.plot(xs, [e[f"{metric}_mean"] for e in points], marker="o", color=f"C{index}", label=label)
                 minimum, maximum = [e[f"{metric}_min"] for e in points], [e[f"{metric}_max"] for e in points]
                 ax.fill_between(xs, minimum, maximum, color=f"C{index}", alpha=0.2)
+                variant = [e for e in points if f"{metric}_no32_mean" in e]  # same runs, map without stride 32
+                if metric.startswith("pixel_") and variant:
+                    ax.plot(
+                        [float(e[x]) / (60 if x == "train_seconds" else 1) for e in variant],
+                        [e[f"{metric}_no32_mean"] for e in variant],
+                        marker="x",
+                        linestyle="--",
+                        color=f"C{index}",
+                        label=f"ADTR {recipe}, map without stride 32",
+                    )
             peer_metric = "image_AUROC" if metric.startswith("image_") else metric
             for model, (color, style) in PEER_STYLES.items():
                 values = peer_rows.get((BENCHMARK_NAMES.get(dataset, dataset), model))
@@ -116,7 +153,7 @@ def main() -> None:
     args = parser.parse_args()
     summary = summarise(read(args.curves))
     with args.summary.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(summary[0]))
+        writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(k for e in summary for k in e)))
         writer.writeheader()
         writer.writerows(summary)
     plot(summary, peers(args.peers), args.figure, args.x)

@@ -119,10 +119,10 @@ def main() -> None:
     if args.output is not None:
         write(args.output, rows)
     best = rows[-1]
-    print(
-        f"training: {best['img_per_s']} img/s, {best['gflop_per_s']} GFLOP/s, {best['pct_of_peak']}% of the "
-        f"{best['precision']} matmul peak"
-    )
+    of_bf16 = round(100 * best["gflop_per_s"] / peaks["bf16"], 1)
+    note = "" if bf16 else f" ({best['pct_of_peak']}% of the fp32 peak: bf16 is emulated here, training runs in fp32)"
+    rate = f"{best['img_per_s']} img/s, {best['gflop_per_s']} GFLOP/s"
+    print(f"training: {rate}, {of_bf16}% of the bf16 matmul peak{note}")
 
 
 def write(path: Path, rows: list[dict]) -> None:

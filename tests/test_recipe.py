@@ -111,8 +111,12 @@ def test_fast_recipe_sets_only_what_was_left_at_the_default() -> None:
     paper = ADTR(backbone="tf_efficientnet_lite0", pre_trained=False)
     assert paper.hparams.dropout == 0.1
     assert paper.trainer_arguments["gradient_clip_val"] is None
+    assert model.model.map_layers == ["blocks.0", "blocks.1", "blocks.2", "blocks.4"]  # not the stride-32 stage
     plus = ADTRPlus(backbone="tf_efficientnet_lite0", recipe="fast", pre_trained=False)
     assert plus.model.normalize_features
+    # Other layers: the recipe's map stages (named for the default layers) are not forced on them.
+    own = ADTR(backbone="tf_efficientnet_lite0", layers=["blocks.1", "blocks.2"], recipe="fast", pre_trained=False)
+    assert own.model.map_layers == ["blocks.1", "blocks.2"]
 
 
 @pytest.mark.parametrize(

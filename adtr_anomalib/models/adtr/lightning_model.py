@@ -59,6 +59,8 @@ RECIPES: dict[str, dict[str, Any]] = {
         "lr_schedule": "cosine",
         "warmup_steps": 100,
         "gradient_clip_val": 0.1,
+        # The pixel map without the stride-32 stage (still reconstructed, and still in the image score).
+        "map_layers": list(DEFAULT_LAYERS[:-1]),
     },
 }
 # Constructor arguments of ADTR and ADTR+ that define the shared network (`ADTRModel`).
@@ -74,6 +76,7 @@ MODEL_ARGUMENTS = (
     "ffn_dim",
     "dropout",
     "pooling_kernel",
+    "map_layers",
     "feature_jitter",
     "normalize_features",
 )
@@ -125,6 +128,8 @@ class ADTRLightningMixin:
             raise ValueError(msg)
         defaults = inspect.signature(type(self).__init__).parameters
         for key, value in RECIPES[recipe].items():
+            if key == "map_layers" and list(self.hparams.layers) != list(DEFAULT_LAYERS):
+                continue  # the recipe's stages are those of the default layers; other layers keep their full map
             if self.hparams[key] == defaults[key].default:
                 self.hparams[key] = value
 
@@ -497,6 +502,8 @@ class ADTR(ADTRLightningMixin, AnomalibModule):
         ffn_dim: Feed-forward width.
         dropout: Dropout in attention and feed-forward layers.
         pooling_kernel: Average-pooling window (pixels) for the image score.
+        map_layers: Stages whose reconstruction error forms the pixel anomaly map (``None``: all of ``layers``, as
+            in the paper); the image score keeps the map of all stages.
         feature_jitter: UniAD's feature jitter: training-time Gaussian noise on the input features, per token
             ``feature_jitter * ||f|| / C`` (UniAD: 20). 0 is off (paper).
         normalize_features: Standardise each feature channel with its training mean and standard deviation
@@ -516,7 +523,8 @@ class ADTR(ADTRLightningMixin, AnomalibModule):
             later epochs. Turned off automatically when the datamodule has training augmentations.
         recipe: ``"paper"`` (every default above) or ``"fast"``: the recipe that converges in tens of epochs (no
             dropout, feature jitter 20, normalised features, lr 1e-3 with 100 warmup steps, cosine decay,
-            gradient clip 0.1). It sets only the arguments left at their defaults.
+            gradient clip 0.1, pixel map without the stride-32 stage). It sets only the arguments left at their
+            defaults (``map_layers`` only with the default ``layers``).
         pre_processor: Pre-processor, or ``True`` for resize to 256x256 plus the backbone's own normalisation.
         post_processor: Post-processor, or ``True`` for anomalib's default.
         evaluator: Evaluator, or ``True`` for anomalib's default metrics.
@@ -538,6 +546,7 @@ class ADTR(ADTRLightningMixin, AnomalibModule):
         ffn_dim: int = 1024,
         dropout: float = 0.1,
         pooling_kernel: int = 16,
+        map_layers: Sequence[str] | None = None,
         feature_jitter: float = 0.0,
         normalize_features: bool = False,
         loss_reduction: LossReduction = "sum",

@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -174,6 +175,10 @@ class ADTRModel(nn.Module):
         hidden_dim, num_encoder_layers, num_decoder_layers, num_heads, ffn_dim, dropout: Transformer
             sizes. Paper: 256, 4, 4, 8, 1024, 0.1.
         pooling_kernel: Averaging window for the image score, in pixels. UniAD: 16.
+        map_layers: Stages whose reconstruction error forms the pixel anomaly map; ``None`` is all of ``layers``
+            (paper). The network still reconstructs every stage and the image score still comes from the map of
+            all of them: a deep stage's context helps reconstruct and score whole images, but its coarse channels
+            blur the map of small defects.
         feature_jitter: UniAD's training-time feature jitter scale (see :class:`ADTRReconstructor`). Paper: 0.
         normalize_features: Standardise every feature channel with its mean and standard deviation over the
             training images (set by :meth:`fit_feature_statistics`) before reconstruction. Without it the
@@ -196,11 +201,16 @@ class ADTRModel(nn.Module):
         ffn_dim: int = 1024,
         dropout: float = 0.1,
         pooling_kernel: int = 16,
+        map_layers: Sequence[str] | None = None,
         feature_jitter: float = 0.0,
         normalize_features: bool = False,
     ) -> None:
         super().__init__()
         layers = list(layers)
+        outside = [layer for layer in map_layers or () if layer not in layers]
+        if outside or (map_layers is not None and not map_layers):
+            msg = f"map_layers must be a non-empty subset of layers {layers}; {outside or 'empty'} is not."
+            raise ValueError(msg)
         indices = _validate(
             backbone,
             layers,
@@ -239,6 +249,12 @@ class ADTRModel(nn.Module):
         self.register_buffer("feature_std", torch.ones(channels))
         self.register_buffer("feature_statistics_fitted", torch.tensor(False))
         self.anomaly_map_generator = AnomalyMapGenerator(pooling_kernel=pooling_kernel)
+        self.map_layers = list(map_layers) if map_layers is not None else list(layers)
+        starts = [0, *itertools.accumulate(self.feature_extractor.out_dims)]
+        channels = [range(starts[i], starts[i + 1]) for i, layer in enumerate(layers) if layer in self.map_layers]
+        # Indices of the map's channels; not saved (the arguments define them), so old checkpoints load.
+        self.register_buffer("map_channels", torch.tensor([c for r in channels for c in r]), persistent=False)
+        self.map_is_all = len(self.map_channels) == starts[-1]
         # Persistent flag, so a model restored from a checkpoint never fetches backbone weights again.
         self.register_buffer("backbone_weights_loaded", torch.tensor(False))
         if pre_trained or weights is not None:
@@ -315,6 +331,10 @@ class ADTRModel(nn.Module):
         if self.training:
             return features, reconstruction
         anomaly_map, pred_score = self.anomaly_map_generator(features, reconstruction, images.shape[-2:])
+        if not self.map_is_all:
+            anomaly_map = self.anomaly_map_generator.compute_anomaly_map(
+                features[:, self.map_channels], reconstruction[:, self.map_channels], images.shape[-2:]
+            )
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
 
 

@@ -71,9 +71,8 @@ class ADTRPlus(ADTRLightningMixin, AnomalibModule):
 
     Args:
         backbone, layers, pre_trained, weights, feature_stride, patch_size, hidden_dim, num_encoder_layers,
-        num_decoder_layers, num_heads, ffn_dim, dropout, pooling_kernel, feature_jitter, normalize_features: as
-            :class:`~adtr_anomalib.ADTR`;
-            must match the ADTR checkpoint when one is given.
+        num_decoder_layers, num_heads, ffn_dim, dropout, pooling_kernel, map_layers, feature_jitter,
+        normalize_features: as :class:`~adtr_anomalib.ADTR`; must match the ADTR checkpoint when one is given.
         adtr_checkpoint: A trained ADTR checkpoint (Lightning ``.ckpt`` or a saved ``ADTRModel`` state dict)
             to start from. Loaded when training starts (not when a trained ADTR+ model is restored), without
             executing code from the file (``weights_only``).
@@ -104,6 +103,7 @@ class ADTRPlus(ADTRLightningMixin, AnomalibModule):
         ffn_dim: int = 1024,
         dropout: float = 0.1,
         pooling_kernel: int = 16,
+        map_layers: Sequence[str] | None = None,
         feature_jitter: float = 0.0,
         normalize_features: bool = False,
         adtr_checkpoint: str | None = None,

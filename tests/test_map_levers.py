@@ -1,4 +1,4 @@
-"""Patch tokens (``patch_size``): a stride-8 anomaly map from stride-16 attention."""
+"""Levers on the anomaly map: patch tokens (a stride-8 map from stride-16 attention) and ``map_layers``."""
 
 from __future__ import annotations
 
@@ -49,3 +49,37 @@ def test_patch_tokens_train_and_reload_from_their_checkpoint(tmp_path: Path) -> 
     images = torch.rand(2, 3, 32, 32)
     model.eval()
     torch.testing.assert_close(restored.model(images).anomaly_map, model.model(images).anomaly_map)
+
+
+def test_map_layers_map_sums_only_their_channels_and_the_image_score_stays() -> None:
+    torch.manual_seed(0)
+    everything = tiny_torch_model()
+    shallow = tiny_torch_model(map_layers=["blocks.1"])
+    shallow.load_state_dict(everything.state_dict())  # the same network: only the map's channels differ
+    images = torch.rand(2, 3, 32, 32)
+    full, subset = everything(images), shallow(images)
+    torch.testing.assert_close(subset.pred_score, full.pred_score)
+    assert not torch.allclose(subset.anomaly_map, full.anomaly_map)
+    features = everything.extract_features(images)
+    first_stage = everything.feature_extractor.out_dims[0]
+    expected = AnomalyMapGenerator().compute_anomaly_map(
+        features[:, :first_stage], everything.reconstruct(features)[:, :first_stage], (32, 32)
+    )
+    torch.testing.assert_close(subset.anomaly_map, expected)
+
+
+def test_map_layers_must_be_some_of_the_layers() -> None:
+    with pytest.raises(ValueError, match=r"map_layers must be a non-empty subset of layers .*\['blocks.4'\]"):
+        tiny_torch_model(map_layers=["blocks.4"])
+    with pytest.raises(ValueError, match="map_layers must be a non-empty subset"):
+        tiny_torch_model(map_layers=[])
+
+
+def test_map_layers_come_back_with_the_checkpoint(tmp_path: Path) -> None:
+    root = make_folder(tmp_path / "part", n_train=4)
+    model = tiny_adtr(pre_trained=False, map_layers=["blocks.1"])
+    engine = tiny_engine(tmp_path / "results")
+    engine.fit(model=model, datamodule=mvtec_layout_folder(root, train_batch_size=4, eval_batch_size=4, seed=0))
+    restored = ADTR.load_from_checkpoint(engine.trainer.checkpoint_callback.best_model_path).eval()
+    assert restored.model.map_layers == ["blocks.1"]
+    assert not restored.model.map_is_all
