@@ -70,8 +70,10 @@ def summarise(curves: list[dict[str, str]]) -> list[dict[str, object]]:
         entry["train_seconds"] = round(statistics.fmean(float(r["train_seconds"]) for r in rows))
         for key in [k for k in rows[0] if k.startswith(("pixel_", "image_"))]:
             values = [float(r[key]) for r in rows if r.get(key)]  # columns added later are empty in older rows
-            if len(values) < len(rows):
+            if not values:
                 continue
+            if len(values) < len(rows):
+                entry[f"{key}_seeds"] = len(values)
             entry[f"{key}_mean"] = round(statistics.fmean(values), 4)
             entry[f"{key}_std"] = round(statistics.pstdev(values), 4)
             entry[f"{key}_min"] = round(min(values), 4)
@@ -120,7 +122,8 @@ def plot(summary: list[dict[str, object]], peer_rows: dict, figure: Path, x: str
                         marker="x",
                         linestyle="--",
                         color=f"C{index}",
-                        label=f"ADTR {recipe}, map without stride 32",
+                        label=f"ADTR {recipe}, map without stride 32 "
+                        f"({variant[-1].get(f'{metric}_no32_seeds', seeds)} seed(s))",
                     )
             peer_metric = "image_AUROC" if metric.startswith("image_") else metric
             for model, (color, style) in PEER_STYLES.items():
