@@ -42,7 +42,7 @@ from adtr_anomalib.data import default_dataset_root, make_texture_dataset, mvtec
 from adtr_anomalib.models.adtr.anomaly_map import AnomalyMapGenerator
 from adtr_anomalib.models.adtr.lightning_model import RECIPES, lr_scheduler, native_bf16
 from adtr_anomalib.models.adtr.loss import ADTRLoss
-from adtr_anomalib.models.adtr.torch_model import DEFAULT_LAYERS, ADTRModel, ADTRReconstructor
+from adtr_anomalib.models.adtr.torch_model import DEFAULT_LAYERS, ADTRModel, ADTRReconstructor, per_pixel_statistics
 
 BACKBONE = "tf_efficientnet_lite0"
 SHARED_DATA = Path(os.environ.get("ADTR_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -71,6 +71,7 @@ class Recipe:
     feature_stride: int = 16
     patch_size: int = 1
     map_layers: tuple[str, ...] | None = None
+    normalize_map: bool = False
 
     def __post_init__(self) -> None:
         if self.map_layers is not None:  # RECIPES hold lists; a tuple keeps the dataclass hashable and its repr stable
@@ -79,16 +80,17 @@ class Recipe:
 
 # Fields added after the first rows were written: left out of a row's settings while at these defaults, so the
 # runs recorded before them still match (and are not run again).
-LATER_FIELDS = {"feature_stride": 16, "patch_size": 1, "map_layers": None}
+LATER_FIELDS = {"feature_stride": 16, "patch_size": 1, "map_layers": None, "normalize_map": False}
 
 
 FAST = Recipe(**RECIPES["fast"])  # the package's "fast" recipe, as ADTR(recipe="fast") trains
-# The recipe before map_layers (its pixel map sums every stage): the ablation arms below were first run from it.
-FULL_MAP = replace(FAST, map_layers=None)
+# The recipe before map_layers and normalize_map (its pixel map sums every stage, unstandardised): the ablation arms
+# below were run from it. Its *_no32_posz and image *_posz columns are the maps of "fast" (the same training).
+FULL_MAP = replace(FAST, map_layers=None, normalize_map=False)
 RECIPES_TRIED: dict[str, Recipe] = {
     "paper": Recipe(),
     "fast": FAST,
-    "fast_full_map": FULL_MAP,  # its *_no32 columns are the map of "fast"
+    "fast_full_map": FULL_MAP,
     "fast_no_norm": replace(FULL_MAP, normalize_features=False),  # what normalize_features buys
     "fast_no_jitter": replace(FULL_MAP, feature_jitter=0.0),  # what the feature jitter buys
     "fast_s16": replace(FULL_MAP, layers=DEFAULT_LAYERS[:4]),  # without the stride-32 stage, also as input
@@ -170,12 +172,17 @@ def features_for(name: str, recipe: Recipe, cache: dict) -> tuple[Split, Split]:
     return cache[key]
 
 
-def evaluate(reconstructor: ADTRReconstructor, test: Split, recipe: Recipe) -> dict[str, float]:
+def evaluate(reconstructor: ADTRReconstructor, test: Split, recipe: Recipe, train: Split) -> dict[str, float]:
     """Test metrics of the current reconstructor, maps min-max scaled to [0, 1] (the metrics are rank-based).
 
     The pixel map sums the channels of ``recipe.map_layers`` (all stages when ``None``); the image scores use the
     map of all stages, as ``ADTRModel`` does. A map of all five stages is also scored without the stride-32
     stage's channels (``*_no32`` columns): the same model, only the channels summed into the distance differ.
+    Two candidate map normalisations fitted on the training features are scored beside (same model, no
+    retraining): ``*_whiten`` divides each channel's difference by its RMS over the training set, so channels
+    that are hard to reconstruct on normal images stop dominating the distance; ``*_posz`` standardises the
+    map at every pixel with the mean and standard deviation of the training maps there (ADTR's ``normalize_map``),
+    a per-position prior like PaDiM's for aligned parts.
     """
     reconstructor.eval()
     starts = [0, *itertools.accumulate(test.stage_channels)]
@@ -184,31 +191,67 @@ def evaluate(reconstructor: ADTRReconstructor, test: Split, recipe: Recipe) -> d
     no32 = None
     if len(map_layers) == len(DEFAULT_LAYERS):  # the last stage is the stride-32 one
         no32 = list(range(starts[-2]))
-    maps: dict[str, list[torch.Tensor]] = defaultdict(list)
     with torch.no_grad():
-        for chunk in test.features.split(32):
-            reconstruction = reconstructor(chunk)
-            maps["all"].append(pixel_map(chunk, reconstruction, recipe.image_size))
-            maps["pixel"].append(pixel_map(chunk[:, keep], reconstruction[:, keep], recipe.image_size))
+        rms = residual_rms(reconstructor, train)
+        train_maps: dict[str, list[torch.Tensor]] = defaultdict(list)
+        for chunk in train.features.split(32):
+            difference = chunk - reconstructor(chunk)
+            train_maps["all"].append(norm_map(difference, recipe.image_size))
+            train_maps["pixel"].append(norm_map(difference[:, keep], recipe.image_size))
             if no32 is not None:
-                maps["no32"].append(pixel_map(chunk[:, no32], reconstruction[:, no32], recipe.image_size))
+                train_maps["no32"].append(norm_map(difference[:, no32], recipe.image_size))
+        prior = {name: per_pixel_statistics(batches) for name, batches in train_maps.items()}
+        maps: dict[str, list[torch.Tensor]] = defaultdict(list)
+        for chunk in test.features.split(32):
+            difference = chunk - reconstructor(chunk)
+            whitened = difference / rms[:, None, None]
+            maps["all"].append(norm_map(difference, recipe.image_size))
+            maps["pixel"].append(norm_map(difference[:, keep], recipe.image_size))
+            maps["all_whiten"].append(norm_map(whitened, recipe.image_size))
+            maps["pixel_whiten"].append(norm_map(whitened[:, keep], recipe.image_size))
+            if no32 is not None:
+                maps["no32"].append(norm_map(difference[:, no32], recipe.image_size))
     reconstructor.train()
-    pixel = map_metrics(torch.cat(maps["pixel"]), test)
-    metrics = {**map_metrics(torch.cat(maps["all"]), test), **{k: pixel[k] for k in ("pixel_AUROC", "pixel_AUPRO")}}
+    maps = {k: torch.cat(v) for k, v in maps.items()}
+    for name, (mean, std) in prior.items():
+        maps[f"{name}_posz"] = (maps[name] - mean) / std
+    standardised = "_posz" if recipe.normalize_map else ""  # the recipe's own maps give the main columns
+    pixel = map_metrics(maps[f"pixel{standardised}"], test)
+    metrics = {**map_metrics(maps[f"all{standardised}"], test), **{k: pixel[k] for k in ("pixel_AUROC", "pixel_AUPRO")}}
     if no32 is not None:
-        variant = map_metrics(torch.cat(maps["no32"]), test)
+        variant = map_metrics(maps["no32"], test)
         metrics.update({f"{name}_no32": variant[name] for name in ("pixel_AUROC", "pixel_AUPRO")})
         metrics["image_AUROC_no32_pool16_max"] = variant["image_AUROC_pool16_max"]
+        variant = map_metrics(maps["no32_posz"], test)
+        metrics.update({f"{name}_no32_posz": variant[name] for name in ("pixel_AUROC", "pixel_AUPRO")})
+    for suffix in ("whiten", "posz"):
+        pixel = map_metrics(maps[f"pixel_{suffix}"], test)
+        image = map_metrics(maps[f"all_{suffix}"], test, pixel=False)
+        metrics.update({f"pixel_AUROC_{suffix}": pixel["pixel_AUROC"], f"pixel_AUPRO_{suffix}": pixel["pixel_AUPRO"]})
+        metrics[f"image_AUROC_{suffix}_pool16_max"] = image["image_AUROC_pool16_max"]
     return metrics
 
 
-def pixel_map(features: torch.Tensor, reconstruction: torch.Tensor, image_size: int) -> torch.Tensor:
-    return AnomalyMapGenerator().compute_anomaly_map(features, reconstruction, (image_size, image_size))
+def residual_rms(reconstructor: ADTRReconstructor, train: Split) -> torch.Tensor:
+    """Root-mean-square reconstruction error of every channel over the training features, ``(C,)``."""
+    total = torch.zeros(train.features.shape[1], dtype=torch.float64)
+    for chunk in train.features.split(32):
+        total += (chunk - reconstructor(chunk)).double().pow(2).sum(dim=(0, 2, 3))
+    count = train.features.shape[0] * train.features.shape[2] * train.features.shape[3]
+    return (total / count).sqrt().clamp_min(1e-6).float()
 
 
-def map_metrics(maps: torch.Tensor, test: Split) -> dict[str, float]:
+def norm_map(difference: torch.Tensor, image_size: int) -> torch.Tensor:
+    """The ADTR map of a feature difference: L2 over channels, up-sampled to the image."""
+    generator = AnomalyMapGenerator()
+    return generator.compute_anomaly_map(difference, torch.zeros_like(difference), (image_size, image_size))
+
+
+def map_metrics(maps: torch.Tensor, test: Split, *, pixel: bool = True) -> dict[str, float]:
     """Pixel AUROC, pixel AUPRO (30% FPR) and image AUROC of every image score for ``(N, 1, H, W)`` maps."""
     maps = (maps - maps.min()) / (maps.max() - maps.min()).clamp_min(1e-12)
+    if not pixel:
+        return {f"image_AUROC_{name}": float(binary_auroc(s, test.labels)) for name, s in image_scores(maps).items()}
     aupro = AUPRO(fields=["anomaly_map", "gt_mask"], fpr_limit=0.3, strict=False)
     aupro.update(SimpleNamespace(anomaly_map=maps[:, 0], gt_mask=test.masks))
     metrics = {
@@ -255,7 +298,7 @@ def train_curve(recipe: Recipe, train: Split, test: Split, seed: int, eval_epoch
             scheduler.step()
         seconds += time.perf_counter() - started
         if epoch in eval_epochs:
-            metrics = evaluate(reconstructor, test, recipe)
+            metrics = evaluate(reconstructor, test, recipe, train)
             rows.append({"epoch": epoch, "train_seconds": round(seconds, 1), "loss": float(loss.detach()), **metrics})
             print(f"  epoch {epoch:3d} {seconds:7.0f} s  " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
     return rows
@@ -283,6 +326,11 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--eval-epochs", nargs="+", type=int, default=[2, 4, 6, 8, 12])
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/convergence.csv"))
+    parser.add_argument(
+        "--rerun",
+        action="store_true",
+        help="train runs the file already has again (e.g. for columns added since); summaries use the latest",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:
@@ -298,7 +346,7 @@ def main() -> None:
             recipe = RECIPES_TRIED[recipe_name]
             settings = repr({**recipe_settings(recipe), "eval_epochs": eval_epochs})
             for seed in args.seeds:
-                if (dataset, recipe_name, str(seed), settings) in done:
+                if not args.rerun and (dataset, recipe_name, str(seed), settings) in done:
                     continue
                 print(f"{dataset} {recipe_name} seed {seed}", flush=True)
                 train, test = features_for(dataset, recipe, cache)

@@ -26,6 +26,18 @@ mpl.use("Agg")
 import matplotlib.pyplot as plt
 
 METRICS = (("pixel_AUROC", "pixel AUROC"), ("pixel_AUPRO", "pixel AUPRO"), ("image_AUROC_pool16_max", "image AUROC"))
+# Other maps of the same runs (convergence.py's variant columns): column, label, marker, line style.
+VARIANTS = {
+    "pixel_AUROC": (
+        ("pixel_AUROC_no32", "map without stride 32", "x", "--"),
+        ("pixel_AUROC_no32_posz", "same, normalize_map (= fast)", "s", ":"),
+    ),
+    "pixel_AUPRO": (
+        ("pixel_AUPRO_no32", "map without stride 32", "x", "--"),
+        ("pixel_AUPRO_no32_posz", "same, normalize_map (= fast)", "s", ":"),
+    ),
+    "image_AUROC_pool16_max": (("image_AUROC_posz_pool16_max", "normalize_map (= fast)", "s", ":"),),
+}
 PEER_STYLES = {"PaDiM": ("black", "--"), "PatchCore": ("grey", ":")}
 # Data set names of convergence.py -> the benchmark's data set labels.
 BENCHMARK_NAMES = {"bsdata": "bsdata_pitting"}
@@ -114,17 +126,17 @@ def plot(summary: list[dict[str, object]], peer_rows: dict, figure: Path, x: str
                 ax.plot(xs, [e[f"{metric}_mean"] for e in points], marker="o", color=f"C{index}", label=label)
                 minimum, maximum = [e[f"{metric}_min"] for e in points], [e[f"{metric}_max"] for e in points]
                 ax.fill_between(xs, minimum, maximum, color=f"C{index}", alpha=0.2)
-                variant = [e for e in points if f"{metric}_no32_mean" in e]  # same runs, map without stride 32
-                if metric.startswith("pixel_") and variant:
-                    ax.plot(
-                        [float(e[x]) / (60 if x == "train_seconds" else 1) for e in variant],
-                        [e[f"{metric}_no32_mean"] for e in variant],
-                        marker="x",
-                        linestyle="--",
-                        color=f"C{index}",
-                        label=f"ADTR {recipe}, map without stride 32 "
-                        f"({variant[-1].get(f'{metric}_no32_seeds', seeds)} seed(s))",
-                    )
+                for column, name, marker, style in VARIANTS.get(metric, ()):
+                    variant = [e for e in points if f"{column}_mean" in e]
+                    if variant:
+                        ax.plot(
+                            [float(e[x]) / (60 if x == "train_seconds" else 1) for e in variant],
+                            [e[f"{column}_mean"] for e in variant],
+                            marker=marker,
+                            linestyle=style,
+                            color=f"C{index}",
+                            label=f"ADTR {recipe}, {name} ({variant[-1].get(f'{column}_seeds', seeds)} seed(s))",
+                        )
             peer_metric = "image_AUROC" if metric.startswith("image_") else metric
             for model, (color, style) in PEER_STYLES.items():
                 values = peer_rows.get((BENCHMARK_NAMES.get(dataset, dataset), model))

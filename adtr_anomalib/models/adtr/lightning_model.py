@@ -17,7 +17,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,7 +39,7 @@ from adtr_anomalib.data.validation import check_datamodule_files, check_dataset_
 from adtr_anomalib.models.components import backbone_normalization
 
 from .loss import ADTRLoss, LossReduction
-from .torch_model import DEFAULT_LAYERS, FEATURE_STATISTICS, ADTRModel
+from .torch_model import DEFAULT_LAYERS, FEATURE_STATISTICS, MAP_STATISTICS, ADTRModel
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,8 @@ RECIPES: dict[str, dict[str, Any]] = {
         "gradient_clip_val": 0.1,
         # The pixel map without the stride-32 stage (still reconstructed, and still in the image score).
         "map_layers": list(DEFAULT_LAYERS[:-1]),
+        # Both maps standardised per pixel by the trained model's maps of the normal training images.
+        "normalize_map": True,
     },
 }
 # Constructor arguments of ADTR and ADTR+ that define the shared network (`ADTRModel`).
@@ -79,6 +81,7 @@ MODEL_ARGUMENTS = (
     "map_layers",
     "feature_jitter",
     "normalize_features",
+    "normalize_map",
 )
 # Checkpoint entry holding the random number generators' state, so a resumed run continues exactly.
 RNG_STATE_KEY = "adtr_rng_state"
@@ -115,6 +118,7 @@ class ADTRLightningMixin:
         self.model: ADTRModel = self._network(self.input_size or (256, 256))
         self._feature_cache: dict[str, torch.Tensor] = {}
         self._use_cache = False
+        self._map_statistics_step: int | None = None  # global step the map statistics were fitted at
 
     def apply_recipe(self) -> None:
         """Give the arguments that the named ``recipe`` sets its values, where they were left at their defaults.
@@ -201,7 +205,7 @@ class ADTRLightningMixin:
         if self._adopt_network_arguments(checkpoint) or size != self.model.input_size:
             self.model = self._network(size)
         self._match_evaluator_state(checkpoint)
-        _fill_feature_statistics(checkpoint, self.model)
+        _fill_statistics(checkpoint, self.model)
         trainer = getattr(self, "_trainer", None)
         if trainer is not None and trainer.state.fn == TrainerFn.FITTING and RNG_STATE_KEY in checkpoint:
             set_rng_state(checkpoint[RNG_STATE_KEY])
@@ -333,9 +337,48 @@ class ADTRLightningMixin:
         self.model.fit_feature_statistics(pre_processor(batch.image.to(self.device)) for batch in loader)
         logger.info("%s: feature statistics fitted in %.1f s.", type(self).__name__, time.perf_counter() - started)
 
+    def on_validation_start(self) -> None:
+        """Fit the map statistics (``normalize_map``) to the weights that validation will see."""
+        self.refresh_map_statistics()
+
+    def on_train_epoch_end(self) -> None:
+        """After the last epoch, fit the map statistics before the checkpoint of a run without validation is saved."""
+        trainer = self.trainer
+        epochs = trainer.max_epochs
+        last = epochs is not None and epochs >= 0 and self.current_epoch + 1 >= epochs
+        if last or trainer.should_stop:
+            self.refresh_map_statistics()
+
     def on_train_end(self) -> None:
-        """Free the feature cache."""
+        """Fit the map statistics to the final weights if a step limit ended training early; free the cache."""
+        self.refresh_map_statistics()
         self._feature_cache.clear()
+
+    def refresh_map_statistics(self) -> None:
+        """While fitting with ``normalize_map``: per-pixel map statistics of the normal training images, once
+        for every state of the weights (validation after the last epoch and the end of training share one pass).
+
+        The training dataloader is read and pre-processed as in training; images labelled anomalous (ADTR+'s
+        real or synthetic anomalies) are left out, since the statistics describe normal maps.
+        """
+        trainer = getattr(self, "_trainer", None)
+        fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
+        if not (self.model.normalize_map and fitting) or self._map_statistics_step == self.global_step:
+            return
+        pre_processor = self.pre_processor if isinstance(self.pre_processor, nn.Module) else nn.Identity()
+
+        def normal_features() -> Iterator[torch.Tensor]:
+            for batch in trainer.train_dataloader:
+                images = batch.image
+                if getattr(batch, "gt_label", None) is not None:
+                    images = images[~batch.gt_label.to(device=images.device, dtype=torch.bool).view(-1)]
+                if len(images):
+                    yield self.model.extract_features(pre_processor(images.to(self.device)))
+
+        started = time.perf_counter()
+        self.model.fit_map_statistics(normal_features())
+        self._map_statistics_step = self.global_step
+        logger.info("%s: anomaly-map statistics fitted in %.1f s.", type(self).__name__, time.perf_counter() - started)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Stop before a non-finite gradient reaches the weights: a finite loss can still have one."""
@@ -410,11 +453,11 @@ def native_bf16(device: torch.device) -> bool:
     return bool(check is not None and check())
 
 
-def _fill_feature_statistics(checkpoint: dict[str, Any], model: ADTRModel) -> None:
-    """Checkpoints from before ``normalize_features`` have no feature statistics: they load as identity."""
+def _fill_statistics(checkpoint: dict[str, Any], model: ADTRModel) -> None:
+    """Checkpoints from before ``normalize_features``/``normalize_map`` lack their statistics: they load as identity."""
     saved = checkpoint.get("state_dict")
     if saved is not None:
-        for name in FEATURE_STATISTICS:
+        for name in (*FEATURE_STATISTICS, *MAP_STATISTICS):
             saved.setdefault(f"model.{name}", getattr(model, name))
 
 
@@ -508,6 +551,10 @@ class ADTR(ADTRLightningMixin, AnomalibModule):
             ``feature_jitter * ||f|| / C`` (UniAD: 20). 0 is off (paper).
         normalize_features: Standardise each feature channel with its training mean and standard deviation
             (one extra pass over the training images when training starts). Off in the paper.
+        normalize_map: Standardise the anomaly map and the image score's map at every pixel with the mean and
+            standard deviation of the trained model's maps of the normal training images (one extra pass over them
+            after training, and before a validation). A per-position prior, as PaDiM's, for aligned parts. Off in
+            the paper.
         loss_reduction: ``"sum"`` over channels (paper) or ``"mean"`` (UniAD's MSE).
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
@@ -523,8 +570,8 @@ class ADTR(ADTRLightningMixin, AnomalibModule):
             later epochs. Turned off automatically when the datamodule has training augmentations.
         recipe: ``"paper"`` (every default above) or ``"fast"``: the recipe that converges in tens of epochs (no
             dropout, feature jitter 20, normalised features, lr 1e-3 with 100 warmup steps, cosine decay,
-            gradient clip 0.1, pixel map without the stride-32 stage). It sets only the arguments left at their
-            defaults (``map_layers`` only with the default ``layers``).
+            gradient clip 0.1, pixel map without the stride-32 stage, maps standardised per pixel). It sets only the
+            arguments left at their defaults (``map_layers`` only with the default ``layers``).
         pre_processor: Pre-processor, or ``True`` for resize to 256x256 plus the backbone's own normalisation.
         post_processor: Post-processor, or ``True`` for anomalib's default.
         evaluator: Evaluator, or ``True`` for anomalib's default metrics.
@@ -549,6 +596,7 @@ class ADTR(ADTRLightningMixin, AnomalibModule):
         map_layers: Sequence[str] | None = None,
         feature_jitter: float = 0.0,
         normalize_features: bool = False,
+        normalize_map: bool = False,
         loss_reduction: LossReduction = "sum",
         lr: float = 1e-4,
         weight_decay: float = 1e-4,

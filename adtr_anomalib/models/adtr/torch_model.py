@@ -28,6 +28,8 @@ from .anomaly_map import AnomalyMapGenerator
 DEFAULT_LAYERS: tuple[str, ...] = ("blocks.0", "blocks.1", "blocks.2", "blocks.4", "blocks.6")
 # Buffers of ADTRModel that hold the per-channel feature statistics (``normalize_features``).
 FEATURE_STATISTICS: tuple[str, ...] = ("feature_mean", "feature_std", "feature_statistics_fitted")
+# Buffers of ADTRModel that hold the per-pixel statistics of the training images' anomaly maps (``normalize_map``).
+MAP_STATISTICS: tuple[str, ...] = ("map_mean", "map_std", "map_statistics_fitted")
 
 
 class _EncoderLayer(nn.Module):
@@ -183,6 +185,11 @@ class ADTRModel(nn.Module):
         normalize_features: Standardise every feature channel with its mean and standard deviation over the
             training images (set by :meth:`fit_feature_statistics`) before reconstruction. Without it the
             squared error is dominated by the few high-variance channels of the deepest stage. Paper: off.
+        normalize_map: Standardise the anomaly map (and the map the image score is taken from) at every pixel
+            with the mean and standard deviation of the trained model's maps of normal training images there
+            (set by :meth:`fit_map_statistics`). On aligned parts the reconstruction error of normal images is
+            high in some places (edges, reflections) and low in others; a per-position prior, as PaDiM's, stops
+            those places from outscoring small defects elsewhere. Paper: off.
     """
 
     def __init__(
@@ -204,16 +211,14 @@ class ADTRModel(nn.Module):
         map_layers: Sequence[str] | None = None,
         feature_jitter: float = 0.0,
         normalize_features: bool = False,
+        normalize_map: bool = False,
     ) -> None:
         super().__init__()
         layers = list(layers)
-        outside = [layer for layer in map_layers or () if layer not in layers]
-        if outside or (map_layers is not None and not map_layers):
-            msg = f"map_layers must be a non-empty subset of layers {layers}; {outside or 'empty'} is not."
-            raise ValueError(msg)
         indices = _validate(
             backbone,
             layers,
+            map_layers,
             input_size,
             feature_stride,
             patch_size,
@@ -249,6 +254,12 @@ class ADTRModel(nn.Module):
         self.register_buffer("feature_std", torch.ones(channels))
         self.register_buffer("feature_statistics_fitted", torch.tensor(False))
         self.anomaly_map_generator = AnomalyMapGenerator(pooling_kernel=pooling_kernel)
+        self.normalize_map = normalize_map
+        # Per-pixel statistics of the maps of normal training images: [0] the pixel map, [1] the map of all stages
+        # that gives the image score. Identity until fitted; always present, as the feature statistics.
+        self.register_buffer("map_mean", torch.zeros(2, *self.input_size))
+        self.register_buffer("map_std", torch.ones(2, *self.input_size))
+        self.register_buffer("map_statistics_fitted", torch.tensor(False))
         self.map_layers = list(map_layers) if map_layers is not None else list(layers)
         starts = [0, *itertools.accumulate(self.feature_extractor.out_dims)]
         channels = [range(starts[i], starts[i + 1]) for i, layer in enumerate(layers) if layer in self.map_layers]
@@ -320,9 +331,43 @@ class ADTRModel(nn.Module):
         self.feature_std.copy_(std.float())
         self.feature_statistics_fitted.fill_(True)
 
+    @property
+    def needs_map_statistics(self) -> bool:
+        """``normalize_map`` is on and the map statistics have not been fitted (or restored) yet."""
+        return self.normalize_map and not bool(self.map_statistics_fitted)
+
+    @torch.no_grad()
+    def fit_map_statistics(self, features: Iterable[torch.Tensor]) -> None:
+        """Set the per-pixel mean and standard deviation of the maps of batches of normal training features.
+
+        The reconstructor runs in eval mode (no dropout, no jitter), as at test time; float64 sums over images,
+        so the result does not depend on batching.
+        """
+        was_training = self.reconstructor.training
+        self.reconstructor.eval()
+        try:
+            maps = (torch.cat(self.raw_maps(batch, self.reconstruct(batch)), dim=1) for batch in features)
+            mean, std = per_pixel_statistics(maps)
+        finally:
+            self.reconstructor.train(was_training)
+        self.map_mean.copy_(mean)
+        self.map_std.copy_(std)
+        self.map_statistics_fitted.fill_(True)
+
     def reconstruct(self, features: torch.Tensor) -> torch.Tensor:
         """Reconstruct features with the transformer."""
         return self.reconstructor(features)
+
+    def raw_maps(self, features: torch.Tensor, reconstruction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pixel map (``map_layers``) and the map of all stages, ``(B, 1, H, W)`` each, before ``normalize_map``."""
+        full = self.anomaly_map_generator.compute_anomaly_map(features, reconstruction, self.input_size)
+        if self.map_is_all:
+            return full, full
+        channels = self.map_channels
+        pixel = self.anomaly_map_generator.compute_anomaly_map(
+            features[:, channels], reconstruction[:, channels], self.input_size
+        )
+        return pixel, full
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | InferenceBatch:
         """Training: ``(features, reconstruction)``. Inference: ``InferenceBatch(pred_score, anomaly_map)``."""
@@ -330,17 +375,39 @@ class ADTRModel(nn.Module):
         reconstruction = self.reconstruct(features)
         if self.training:
             return features, reconstruction
-        anomaly_map, pred_score = self.anomaly_map_generator(features, reconstruction, images.shape[-2:])
-        if not self.map_is_all:
-            anomaly_map = self.anomaly_map_generator.compute_anomaly_map(
-                features[:, self.map_channels], reconstruction[:, self.map_channels], images.shape[-2:]
-            )
-        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
+        anomaly_map, score_map = self.raw_maps(features, reconstruction)
+        if self.normalize_map:
+            anomaly_map = (anomaly_map - self.map_mean[0]) / self.map_std[0]
+            score_map = (score_map - self.map_mean[1]) / self.map_std[1]
+        return InferenceBatch(pred_score=self.anomaly_map_generator.compute_score(score_map), anomaly_map=anomaly_map)
+
+
+@torch.no_grad()
+def per_pixel_statistics(maps: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation over images of batches of ``(B, K, H, W)`` maps, each ``(K, H, W)``.
+
+    Sums in float64, so the result does not depend on batching. The deviation has a floor of 0.1% of its mean:
+    a pixel where every normal map agrees (a flat background) must not turn noise into huge scores.
+    """
+    count, first, second = 0, 0.0, 0.0
+    for batch in maps:
+        batch = batch.double()
+        count += batch.shape[0]
+        first = first + batch.sum(dim=0)
+        second = second + batch.pow(2).sum(dim=0)
+    if count < 2:
+        msg = f"map statistics need at least 2 normal training images for a standard deviation, got {count}."
+        raise ValueError(msg)
+    mean = first / count
+    std = (second / count - mean.pow(2)).clamp_min(0).sqrt()
+    std = std.clamp_min(1e-3 * float(std.mean()) + 1e-12)
+    return mean.float(), std.float()
 
 
 def _validate(
     backbone: str,
     layers: list[str],
+    map_layers: Sequence[str] | None,
     input_size: tuple[int, int],
     feature_stride: int,
     patch_size: int,
@@ -358,6 +425,10 @@ def _validate(
     unknown = [layer for layer in layers if layer not in available]
     if unknown:
         msg = f"layers {unknown} do not exist in backbone {backbone!r}. Available stages: {available}."
+        raise ValueError(msg)
+    outside = [layer for layer in map_layers or () if layer not in layers]
+    if outside or (map_layers is not None and not map_layers):
+        msg = f"map_layers must be a non-empty subset of layers {layers}; {outside or 'empty'} is not."
         raise ValueError(msg)
     if feature_stride < 1 or min(input_size) < feature_stride:
         msg = f"input_size {tuple(input_size)} must be at least feature_stride ({feature_stride}) on each side."

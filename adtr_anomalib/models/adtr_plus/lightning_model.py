@@ -34,7 +34,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
 from adtr_anomalib.models.adtr.lightning_model import ADTRLightningMixin, LRSchedule, Recipe, check_finite
-from adtr_anomalib.models.adtr.torch_model import DEFAULT_LAYERS, FEATURE_STATISTICS
+from adtr_anomalib.models.adtr.torch_model import DEFAULT_LAYERS, FEATURE_STATISTICS, MAP_STATISTICS
 
 from .loss import ADTRPlusLoss, masks_to_token_labels, pseudo_huber_error
 
@@ -72,7 +72,9 @@ class ADTRPlus(ADTRLightningMixin, AnomalibModule):
     Args:
         backbone, layers, pre_trained, weights, feature_stride, patch_size, hidden_dim, num_encoder_layers,
         num_decoder_layers, num_heads, ffn_dim, dropout, pooling_kernel, map_layers, feature_jitter,
-        normalize_features: as :class:`~adtr_anomalib.ADTR`; must match the ADTR checkpoint when one is given.
+        normalize_features, normalize_map: as :class:`~adtr_anomalib.ADTR`; all but ``normalize_map`` must match the
+            ADTR checkpoint when one is given. The map statistics are fitted again after ADTR+ training, on its
+            normal training images.
         adtr_checkpoint: A trained ADTR checkpoint (Lightning ``.ckpt`` or a saved ``ADTRModel`` state dict)
             to start from. Loaded when training starts (not when a trained ADTR+ model is restored), without
             executing code from the file (``weights_only``).
@@ -106,6 +108,7 @@ class ADTRPlus(ADTRLightningMixin, AnomalibModule):
         map_layers: Sequence[str] | None = None,
         feature_jitter: float = 0.0,
         normalize_features: bool = False,
+        normalize_map: bool = False,
         adtr_checkpoint: str | None = None,
         supervision: Supervision = "auto",
         alpha: float = 0.003,
@@ -173,8 +176,8 @@ class ADTRPlus(ADTRLightningMixin, AnomalibModule):
             raise ValueError(msg)
         if any(key.startswith("model.") for key in state):  # a Lightning checkpoint of ADTR or ADTR+
             state = {key.removeprefix("model."): value for key, value in state.items() if key.startswith("model.")}
-        if any(key.startswith("reconstructor.") for key in state):  # saved before normalize_features: identity
-            for name in FEATURE_STATISTICS:
+        if any(key.startswith("reconstructor.") for key in state):  # saved before the statistics: identity
+            for name in (*FEATURE_STATISTICS, *MAP_STATISTICS):
                 state.setdefault(name, getattr(self.model, name))
         trained_with = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
         architecture = {key: trained_with[key] for key in _ARCHITECTURE if key in trained_with}
@@ -239,9 +242,11 @@ def _state_dict_mismatch(expected: dict[str, torch.Tensor], given: dict[str, Any
     """One line on how ``given`` differs from ``expected`` (empty when it loads), instead of torch's long list."""
     missing = sorted(expected.keys() - given.keys())
     unexpected = sorted(given.keys() - expected.keys())
+    # Learned tensors first: the map statistics' shape follows the image size too, but says less.
+    ordered = sorted(expected.items(), key=lambda item: item[0] in MAP_STATISTICS)
     wrong_shape = [
         f"{key}: {tuple(getattr(given[key], 'shape', ()))} in the file, {tuple(value.shape)} here"
-        for key, value in expected.items()
+        for key, value in ordered
         if key in given and getattr(given[key], "shape", None) != value.shape
     ]
     parts = []
