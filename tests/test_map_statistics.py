@@ -5,6 +5,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
+import onnxruntime
 import pytest
 import torch
 
@@ -167,3 +169,21 @@ def test_adtr_plus_fits_them_on_its_normal_training_images_only(tmp_path: Path) 
     )
     torch.testing.assert_close(plus.model.map_mean, normal_only.map_mean)
     torch.testing.assert_close(plus.model.map_std, normal_only.map_std)
+
+
+def test_the_statistics_travel_with_an_onnx_export(tmp_path: Path) -> None:
+    root = make_folder(tmp_path / "part", n_train=4)
+    model = tiny_adtr(pre_trained=False, normalize_map=True)
+    engine = tiny_engine(tmp_path / "results")
+    engine.fit(model=model, datamodule=mvtec_layout_folder(root, train_batch_size=4, eval_batch_size=4, seed=0))
+    assert bool(model.model.map_statistics_fitted)
+    assert not torch.equal(model.model.map_mean, torch.zeros_like(model.model.map_mean))
+    path = model.to_onnx(tmp_path / "export")
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    images = torch.rand(3, 3, 32, 32)
+    names = [output.name for output in session.get_outputs()]
+    outputs = dict(zip(names, session.run(None, {"input": images.numpy()}), strict=True))
+    with torch.no_grad():
+        expected = model.eval()(images)
+    np.testing.assert_allclose(outputs["anomaly_map"], expected.anomaly_map.numpy(), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(outputs["pred_score"], expected.pred_score.numpy(), atol=1e-4, rtol=1e-4)
