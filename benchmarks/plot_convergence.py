@@ -31,12 +31,20 @@ VARIANTS = {
     "pixel_AUROC": (
         ("pixel_AUROC_no32", "map without stride 32", "x", "--"),
         ("pixel_AUROC_no32_posz", "same, normalize_map (= fast)", "s", ":"),
+        ("pixel_AUROC_posz_held", "same, statistics from held-back images", "^", "-."),
+        ("pixel_AUROC_stagez", "stages standardised apart", "v", "-."),
     ),
     "pixel_AUPRO": (
         ("pixel_AUPRO_no32", "map without stride 32", "x", "--"),
         ("pixel_AUPRO_no32_posz", "same, normalize_map (= fast)", "s", ":"),
+        ("pixel_AUPRO_posz_held", "same, statistics from held-back images", "^", "-."),
+        ("pixel_AUPRO_stagez", "stages standardised apart", "v", "-."),
     ),
-    "image_AUROC_pool16_max": (("image_AUROC_posz_pool16_max", "normalize_map (= fast)", "s", ":"),),
+    "image_AUROC_pool16_max": (
+        ("image_AUROC_posz_pool16_max", "normalize_map (= fast)", "s", ":"),
+        ("image_AUROC_posz_held_pool16_max", "same, statistics from held-back images", "^", "-."),
+        ("image_AUROC_stagez_pool16_max", "stages standardised apart", "v", "-."),
+    ),
 }
 PEER_STYLES = {"PaDiM": ("black", "--"), "PatchCore": ("grey", ":")}
 # Data set names of convergence.py -> the benchmark's data set labels.
@@ -149,7 +157,7 @@ def plot(summary: list[dict[str, object]], peer_rows: dict, figure: Path, x: str
         row_axes[0].legend(fontsize=6)
     fig.tight_layout()
     figure.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(figure, dpi=70)
+    fig.savefig(figure, dpi=64)
 
 
 def main() -> None:

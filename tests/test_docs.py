@@ -9,6 +9,7 @@
 * The imports of every ``python`` snippet resolve.
 * The README's parameter table gives every constructor argument of ADTR and ADTR+ with the code's default.
 * The notebooks are committed without outputs, and the README links each one and its picture.
+* A table marked ``<!-- results: FILE -->`` equals the table in FILE, the committed output of its command.
 
 The notebooks themselves are executed by ``make test`` (``pytest --nbmake notebooks``).
 """
@@ -287,3 +288,43 @@ def test_readme_links_the_notebooks_and_its_picture() -> None:
         assert file.is_file(), picture
         assert file.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{picture} is not a PNG"
         assert file.stat().st_size < 200_000, f"{picture} is {file.stat().st_size // 1024} KB; keep it under 200 KB"
+
+
+# --- tables copied from results files ------------------------------------------------------------------------------
+
+RESULTS_MARKER = re.compile(r"<!-- results: (\S+) -->\n+((?:\|.*\n)+)")
+
+
+def _table_lines(text: str) -> list[str]:
+    """The lines of the first Markdown table in ``text``."""
+    match = re.search(r"(?:^\|.*\n?)+", text, flags=re.MULTILINE)
+    return match.group(0).strip().splitlines() if match else []
+
+
+def _tables_differing_from_their_files(text: str) -> list[str]:
+    """Each ``<!-- results: FILE -->``-marked table whose rows are not the first table of FILE, as a message."""
+    problems = []
+    for path, table in RESULTS_MARKER.findall(text):
+        source = REPO / path
+        if not source.is_file():
+            problems.append(f"{path}: no such results file")
+        elif table.strip().splitlines() != _table_lines(source.read_text()):
+            problems.append(f"{path}: the table differs from the file; copy it again from the file")
+    return problems
+
+
+def test_tables_marked_with_a_results_file_equal_it() -> None:
+    """A table of measured numbers is marked with the committed file its command wrote, and equals that file's."""
+    readme = REPO.joinpath("README.md").read_text()
+    assert RESULTS_MARKER.search(readme), "the README's measured comparison has no results marker"
+    assert [problem for doc in DOCS for problem in _tables_differing_from_their_files(doc.read_text())] == []
+
+
+def test_a_changed_number_in_a_marked_table_is_caught() -> None:
+    """Negative control of the check above: one digit changed, or a file that is not there, fails it."""
+    readme = REPO.joinpath("README.md").read_text()
+    path, table = RESULTS_MARKER.search(readme).groups()
+    changed = table.replace("0.9", "0.8", 1)
+    assert changed != table
+    assert _tables_differing_from_their_files(f"<!-- results: {path} -->\n{changed}")
+    assert _tables_differing_from_their_files(f"<!-- results: missing/results.md -->\n{table}")

@@ -66,20 +66,40 @@ def test_engine_metrics_are_computed_on_normalised_scores(trained: dict, texture
     assert 0.0 < metrics["pixel_AUPRO"] <= 1.0
 
 
+def forbid_weight_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every way to backbone weights fail: a weights file, a packaged file, timm's hub.
+
+    Patched where ``load_backbone_weights`` looks them up at call time (module globals of ``components``), so the
+    guard holds however the caller imported ``load_backbone_weights``.
+    """
+
+    def no_weights(*args: object, **kwargs: object) -> None:
+        raise AssertionError("backbone weights were read although the checkpoint holds them")
+
+    monkeypatch.setattr(components, "_read_state_dict", no_weights)
+    monkeypatch.setattr(components, "_download_timm_weights", no_weights)
+    original_create = timm.create_model
+    monkeypatch.setattr(
+        timm, "create_model", lambda *a, **k: no_weights() if k.get("pretrained") else original_create(*a, **k)
+    )
+
+
+def test_weight_guard_catches_a_load_through_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Negative control of the guard below: the model's own loading path (packaged Lite0 file) is intercepted."""
+    forbid_weight_loading(monkeypatch)
+    model = small_adtr(**OPTIONS)
+    with pytest.raises(AssertionError, match="backbone weights were read"):
+        model.model.load_backbone_weights()
+    with pytest.raises(AssertionError, match="backbone weights were read"):
+        components.load_backbone_weights(model.model.feature_extractor.feature_extractor, "resnet18")
+
+
 def test_checkpoint_reloads_and_exports_offline_without_fetching_weights(
     trained: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     checkpoint = Path(trained["engine"].trainer.checkpoint_callback.best_model_path)
     assert checkpoint.is_file()
-
-    def no_download(*args: object, **kwargs: object) -> None:
-        raise AssertionError("weights were fetched although the checkpoint holds them")
-
-    monkeypatch.setattr(components, "load_backbone_weights", no_download)
-    original_create = timm.create_model
-    monkeypatch.setattr(
-        timm, "create_model", lambda *a, **k: no_download() if k.get("pretrained") else original_create(*a, **k)
-    )
+    forbid_weight_loading(monkeypatch)
     # As with anomalib's own models, a non-default evaluator is passed again (its metric state is in the file).
     loaded = ADTR.load_from_checkpoint(checkpoint, weights_only=True, evaluator=inspection_evaluator()).eval()
     model = trained["model"].eval()
