@@ -63,8 +63,8 @@ def test_off_or_unfitted_the_map_is_the_papers() -> None:
     for model in (fitted_but_off, unfitted):
         torch.testing.assert_close(model(images).anomaly_map, plain(images).anomaly_map)
         torch.testing.assert_close(model(images).pred_score, plain(images).pred_score)
-    assert unfitted.needs_map_statistics
-    assert not fitted_but_off.needs_map_statistics  # off: nothing to fit
+    assert not bool(unfitted.map_statistics_fitted)
+    assert bool(fitted_but_off.map_statistics_fitted)  # fitted, yet off: the paper's map above
 
 
 def test_a_place_hot_in_every_normal_image_stops_outscoring_a_small_defect() -> None:

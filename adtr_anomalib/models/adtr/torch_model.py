@@ -331,11 +331,6 @@ class ADTRModel(nn.Module):
         self.feature_std.copy_(std.float())
         self.feature_statistics_fitted.fill_(True)
 
-    @property
-    def needs_map_statistics(self) -> bool:
-        """``normalize_map`` is on and the map statistics have not been fitted (or restored) yet."""
-        return self.normalize_map and not bool(self.map_statistics_fitted)
-
     @torch.no_grad()
     def fit_map_statistics(self, features: Iterable[torch.Tensor]) -> None:
         """Set the per-pixel mean and standard deviation of the maps of batches of normal training features.
