@@ -113,7 +113,9 @@ def test_training_fits_them_once_per_weights_and_the_checkpoint_keeps_them(
     model = tiny_adtr(pre_trained=False, normalize_map=True)
     fits = []
     original = model.model.fit_map_statistics
-    monkeypatch.setattr(model.model, "fit_map_statistics", lambda features: fits.append(1) or original(features))
+    monkeypatch.setattr(
+        model.model, "fit_map_statistics", lambda features, **kw: fits.append(1) or original(features, **kw)
+    )
     engine = tiny_engine(tmp_path / "results", max_epochs=2, check_val_every_n_epoch=2)
     engine.fit(model=model, datamodule=mvtec_layout_folder(root, train_batch_size=3, eval_batch_size=4, seed=0))
     # Validation after the last epoch, the end of that epoch and the end of training see the same weights.

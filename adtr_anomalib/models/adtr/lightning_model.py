@@ -37,9 +37,10 @@ from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from adtr_anomalib.data.validation import check_datamodule_files, check_dataset_files, check_folder_layout
 from adtr_anomalib.models.components import backbone_normalization
+from adtr_anomalib.visualization import LoggingImageVisualizer
 
 from .loss import ADTRLoss, LossReduction
-from .torch_model import DEFAULT_LAYERS, FEATURE_STATISTICS, MAP_STATISTICS, ADTRModel
+from .torch_model import DEFAULT_LAYERS, FEATURE_STATISTICS, MAP_STATISTICS, ADTRModel, SumReduce
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +146,11 @@ class ADTRLightningMixin:
     def default_pre_processor(cls, pre_processor: nn.Module | bool, backbone: str) -> nn.Module | bool:
         """``True`` means resize plus the backbone's normalisation (the base class would use ImageNet's)."""
         return cls.configure_pre_processor(backbone=backbone) if pre_processor is True else pre_processor
+
+    @classmethod
+    def configure_visualizer(cls) -> LoggingImageVisualizer:
+        """anomalib's visualiser, also feeding the images to TensorBoard/MLflow/W&B/Comet loggers when given."""
+        return LoggingImageVisualizer()
 
     @classmethod
     def configure_pre_processor(
@@ -334,8 +340,21 @@ class ADTRLightningMixin:
         loader = self.trainer.train_dataloader
         pre_processor = self.pre_processor if isinstance(self.pre_processor, nn.Module) else nn.Identity()
         started = time.perf_counter()
-        self.model.fit_feature_statistics(pre_processor(batch.image.to(self.device)) for batch in loader)
+        images = (pre_processor(batch.image.to(self.device)) for batch in loader)
+        self.model.fit_feature_statistics(images, reduce=self.sum_over_processes())
         logger.info("%s: feature statistics fitted in %.1f s.", type(self).__name__, time.perf_counter() - started)
+
+    def sum_over_processes(self) -> SumReduce | None:
+        """In distributed training each process reads its own shard of the training set: sum the statistics'
+        accumulators over all of them, so every process (and the checkpoint) gets those of the whole set."""
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None or trainer.world_size == 1:
+            return None
+
+        def reduce(value: torch.Tensor) -> torch.Tensor:
+            return trainer.strategy.reduce(value.to(self.device), reduce_op="sum").to(value.device)
+
+        return reduce
 
     def on_validation_start(self) -> None:
         """Fit the map statistics (``normalize_map``) to the weights that validation will see."""
@@ -376,7 +395,7 @@ class ADTRLightningMixin:
                     yield self.model.extract_features(pre_processor(images.to(self.device)))
 
         started = time.perf_counter()
-        self.model.fit_map_statistics(normal_features())
+        self.model.fit_map_statistics(normal_features(), reduce=self.sum_over_processes())
         self._map_statistics_step = self.global_step
         logger.info("%s: anomaly-map statistics fitted in %.1f s.", type(self).__name__, time.perf_counter() - started)
 
@@ -575,7 +594,7 @@ class ADTR(ADTRLightningMixin, AnomalibModule):
         pre_processor: Pre-processor, or ``True`` for resize to 256x256 plus the backbone's own normalisation.
         post_processor: Post-processor, or ``True`` for anomalib's default.
         evaluator: Evaluator, or ``True`` for anomalib's default metrics.
-        visualizer: Visualizer, or ``True`` for anomalib's default.
+        visualizer: Visualizer, or ``True`` for anomalib's, which also logs its images to image loggers.
     """
 
     def __init__(

@@ -11,7 +11,7 @@ Example:
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -23,6 +23,10 @@ from torch.nn import functional as F  # noqa: N812
 from adtr_anomalib.models.components import backbone_stages, load_backbone_weights
 
 from .anomaly_map import AnomalyMapGenerator
+
+# Sums a tensor over the processes of a distributed run (identity in one process): statistics fitted on each
+# process's shard of the training set then equal those of the whole set.
+SumReduce = Callable[[torch.Tensor], torch.Tensor]
 
 # EfficientNet stages 1-5 in timm's ``features_only`` naming (paper: all five, C = 720 for B4).
 DEFAULT_LAYERS: tuple[str, ...] = ("blocks.0", "blocks.1", "blocks.2", "blocks.4", "blocks.6")
@@ -305,10 +309,11 @@ class ADTRModel(nn.Module):
         return self.normalize_features and not bool(self.feature_statistics_fitted)
 
     @torch.no_grad()
-    def fit_feature_statistics(self, images: Iterable[torch.Tensor]) -> None:
+    def fit_feature_statistics(self, images: Iterable[torch.Tensor], reduce: SumReduce | None = None) -> None:
         """Set the per-channel mean and standard deviation from batches of (pre-processed) training images.
 
         Accumulated in float64 over every position of every image, so the result does not depend on batching.
+        ``reduce`` sums the accumulators over processes (distributed training, where each sees a shard).
         """
         self.feature_mean.zero_()
         self.feature_std.fill_(1.0)
@@ -320,6 +325,8 @@ class ADTRModel(nn.Module):
             total += features.shape[0] * features.shape[2] * features.shape[3]
             first += features.sum(dim=(0, 2, 3)).cpu()
             second += features.pow(2).sum(dim=(0, 2, 3)).cpu()
+        if reduce is not None:
+            total, first, second = (reduce(value) for value in (total, first, second))
         if total == 0:
             msg = "fit_feature_statistics got no images: the training set is empty."
             raise ValueError(msg)
@@ -332,17 +339,17 @@ class ADTRModel(nn.Module):
         self.feature_statistics_fitted.fill_(True)
 
     @torch.no_grad()
-    def fit_map_statistics(self, features: Iterable[torch.Tensor]) -> None:
+    def fit_map_statistics(self, features: Iterable[torch.Tensor], reduce: SumReduce | None = None) -> None:
         """Set the per-pixel mean and standard deviation of the maps of batches of normal training features.
 
         The reconstructor runs in eval mode (no dropout, no jitter), as at test time; float64 sums over images,
-        so the result does not depend on batching.
+        so the result does not depend on batching. ``reduce``: as in :meth:`fit_feature_statistics`.
         """
         was_training = self.reconstructor.training
         self.reconstructor.eval()
         try:
             maps = (torch.cat(self.raw_maps(batch, self.reconstruct(batch)), dim=1) for batch in features)
-            mean, std = per_pixel_statistics(maps)
+            mean, std = per_pixel_statistics(maps, reduce)
         finally:
             self.reconstructor.train(was_training)
         self.map_mean.copy_(mean)
@@ -378,18 +385,24 @@ class ADTRModel(nn.Module):
 
 
 @torch.no_grad()
-def per_pixel_statistics(maps: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def per_pixel_statistics(
+    maps: Iterable[torch.Tensor], reduce: SumReduce | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and standard deviation over images of batches of ``(B, K, H, W)`` maps, each ``(K, H, W)``.
 
-    Sums in float64, so the result does not depend on batching. The deviation has a floor of 0.1% of its mean:
-    a pixel where every normal map agrees (a flat background) must not turn noise into huge scores.
+    Sums in float64, so the result does not depend on batching; ``reduce`` sums them over processes. The deviation
+    has a floor of 0.1% of its mean: a pixel where every normal map agrees (a flat background) must not turn noise
+    into huge scores.
     """
-    count, first, second = 0, 0.0, 0.0
+    count, first, second = torch.zeros((), dtype=torch.float64), 0.0, 0.0
     for batch in maps:
         batch = batch.double()
         count += batch.shape[0]
         first = first + batch.sum(dim=0)
         second = second + batch.pow(2).sum(dim=0)
+    if reduce is not None:
+        count, first, second = (reduce(value) for value in (count, first, second))
+    count = int(count)
     if count < 2:
         msg = f"map statistics need at least 2 normal training images for a standard deviation, got {count}."
         raise ValueError(msg)
