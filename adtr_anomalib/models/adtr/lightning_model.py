@@ -36,6 +36,7 @@ from torch import nn
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from adtr_anomalib.data.validation import check_datamodule_files, check_dataset_files, check_folder_layout
+from adtr_anomalib.models.checkpoints import CHECKPOINT_IO, check_checkpoint_file
 from adtr_anomalib.models.components import backbone_normalization
 from adtr_anomalib.visualization import LoggingImageVisualizer
 
@@ -174,6 +175,39 @@ class ADTRLightningMixin:
         """
         check_datamodule_files(getattr(getattr(self, "_trainer", None), "datamodule", None))
         self.load_weights(stage)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | Path, *args, **kwargs) -> Any:
+        """Lightning's loader, refusing a file that is no checkpoint with its name (``anomalib export`` uses it)."""
+        check_checkpoint_file(checkpoint_path)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)  # type: ignore[misc]
+
+    def on_test_start(self) -> None:
+        """Refuse to score with random weights (see :meth:`check_trained`)."""
+        self.check_trained()
+
+    def on_predict_start(self) -> None:
+        """Refuse to score with random weights (see :meth:`check_trained`)."""
+        self.check_trained()
+
+    def check_trained(self) -> None:
+        """Refuse to test or predict with a model that was never trained nor loaded from a checkpoint.
+
+        ImageNet weights are only loaded when training starts, so such a model has a random backbone and a random
+        transformer: its scores would look plausible and mean nothing. A checkpoint (``ckpt_path`` is restored
+        before this runs) or a fit sets ``backbone_weights_loaded``. ``pre_trained=False`` asks for random
+        weights, so it only gets a warning.
+        """
+        if bool(self.model.backbone_weights_loaded):
+            return
+        msg = (
+            f"{type(self).__name__} has not been trained and no checkpoint was given, so its backbone and "
+            "transformer are random. Fit it first (engine.fit / anomalib train), pass ckpt_path=... (--ckpt_path) "
+            f"with a trained checkpoint, or load one with {type(self).__name__}.load_from_checkpoint(path)."
+        )
+        if self.hparams.pre_trained:
+            raise RuntimeError(msg)
+        logger.warning(msg)
 
     def load_weights(self, stage: str) -> None:
         """ImageNet backbone weights before training, unless a checkpoint being resumed provides them.
@@ -445,8 +479,13 @@ class ADTRLightningMixin:
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:
-        """No sanity validation (scores of an untrained model carry no information); the model's gradient clip."""
-        return {"num_sanity_val_steps": 0, "gradient_clip_val": self.hparams.gradient_clip_val}
+        """No sanity validation (scores of an untrained model carry no information); the model's gradient clip;
+        checkpoint files checked before they are read."""
+        return {
+            "num_sanity_val_steps": 0,
+            "gradient_clip_val": self.hparams.gradient_clip_val,
+            "plugins": [CHECKPOINT_IO],
+        }
 
     @property
     def learning_type(self) -> LearningType:
