@@ -25,6 +25,16 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Every test on one torch thread, whichever files were collected: the same results alone or in the suite.
+    Subprocesses (CLI, notebooks, DDP) set their own threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def bsdata_root() -> Path:
     """The real BSData pitting set; CI provides it beside the clone."""

@@ -17,7 +17,6 @@ from adtr_anomalib import ADTR, ADTRPlus
 from adtr_anomalib.data import WithAnomalies, make_texture_dataset
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(1)
 
 SIZE = 64
 BACKBONE = "tf_efficientnet_lite0"

@@ -4,7 +4,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 from anomalib.cli import AnomalibCLI
 from anomalib.data import Folder, MVTecAD
 from anomalib.data.utils.generators import PerlinAnomalyGenerator
@@ -13,7 +12,6 @@ from adtr_anomalib import ADTRPlus
 from adtr_anomalib.data import ConfettiNoise, FolderWithAnomalies, WithAnomalies, make_texture_dataset
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(1)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "adtr_plus"
 

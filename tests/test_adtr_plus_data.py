@@ -23,7 +23,6 @@ from adtr_anomalib.data import (
 )
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(1)
 
 N_TEST_PER_DEFECT = 4
 N_TEST_GOOD = 4

@@ -16,7 +16,6 @@ from adtr_anomalib.models.adtr_plus.loss import (
 )
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(1)
 
 ALPHA = 0.003
 

@@ -20,7 +20,6 @@ from adtr_anomalib.models.adtr.lightning_model import ADTRLightningMixin
 from adtr_anomalib.models.adtr_plus.loss import masks_to_token_labels, pseudo_huber_error
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(1)
 
 SIZE = 64
 BACKBONE = "tf_efficientnet_lite0"

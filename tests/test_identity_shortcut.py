@@ -1,90 +1,83 @@
-"""Paper Sec. 3.2 as an experiment: a 1x1 conv drifts toward the identity, the query-attention reconstructor not.
+"""Paper §3.2 measured: a linear reconstructor against ADTR's query attention on real backbone features.
 
-Both are trained on real (Lite0 ImageNet) features of normal texture images only. As the conv fits the normal
-features it also reconstructs anomalous ones well: its error on defect tokens becomes small. The attention
-reconstructor, starting from a learnable query, keeps a clearly larger error on them.
+The paper argues that a linear reconstructor drifts toward the identity and then reconstructs anomalies as well
+as normal features, while the query attention does not. ``benchmarks/identity_shortcut.py`` measures it (equal
+steps, swept learning rates, 3 seeds, brick and grass; README of the ADTR model): the linear weight does move toward
+the identity, but at this budget it still separates anomalous from normal tokens as well as the attention model on
+brick (token AUROC 0.999 against 0.983) and a little worse on grass (0.912 against 0.928). This is the same
+measurement on brick, one seed, a smaller budget.
 
-Measured here (brick, 128 px, 16x16 tokens): defect-token squared error ~1e3 for the conv after 1000 steps
-versus ~1.3e4 for the attention model after 300. Note that the conv's anomalous/normal *ratio* is still high at
-that point, because its normal error shrinks even faster: the shortcut shows in absolute error first.
+Separation is judged by one function, which must reject a model that outputs zeros (its error is the feature
+energy: it reconstructs nothing) and a model that copies its input (no error, no separation).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
-from torch.nn import functional as F  # noqa: N812
-from torchvision.io import ImageReadMode, decode_image
 
-from adtr_anomalib.models.adtr.torch_model import ADTRModel, ADTRReconstructor
+from benchmarks.identity_shortcut import TokenSet, attention, identity_distance, linear, score, token_errors
+from benchmarks.identity_shortcut import token_set as make_token_set
+from benchmarks.identity_shortcut import train as train_model
 
-SIZE = 128
-STRIDE = 8  # 16 x 16 tokens at 128 px
-
-
-def _load(paths: list[Path], mode: ImageReadMode = ImageReadMode.RGB) -> torch.Tensor:
-    images = torch.stack([decode_image(str(p), mode=mode) for p in paths]).float() / 255
-    return images
-
-
-def _features(model: ADTRModel, folder: Path) -> torch.Tensor:
-    images = _load(sorted(folder.glob("*.png")))
-    return model.extract_features((images - 0.5) / 0.5)
+STEPS = 200
+# Learning rates of the experiment's sweep (lowest training loss on normal images, benchmarks/identity_shortcut.py).
+LR = {"linear": 1e-2, "attention": 3e-3}
+# A reconstructor must bring normal tokens' error below this share of their feature energy.
+RECONSTRUCTS = 0.8
+# ...and separate anomalous tokens better than their feature energy alone does (the zero-output model).
+OVER_ENERGY = 0.03
 
 
-def _defect_maps(model: ADTRModel, root: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features of every defect image, and which grid cells are at least half covered by its mask."""
-    images, masks = [], []
-    for defect in sorted(p.name for p in (root / "test").iterdir() if p.name != "good"):
-        paths = sorted((root / "test" / defect).glob("*.png"))
-        images.append(_load(paths))
-        masks.append(_load([root / "ground_truth" / defect / f"{p.stem}_mask.png" for p in paths], ImageReadMode.GRAY))
-    features = model.extract_features((torch.cat(images) - 0.5) / 0.5)
-    return features, F.avg_pool2d(torch.cat(masks), STRIDE)[:, 0] > 0.5
+def reconstructs_and_separates(candidate: dict[str, float], zero: dict[str, float]) -> bool:
+    """Normal tokens reconstructed, and anomalous ones told apart by the error beyond what their energy tells."""
+    return candidate["normal_relative"] < RECONSTRUCTS and candidate["token_AUROC"] >= zero["token_AUROC"] + OVER_ENERGY
 
 
-def _train(reconstructor: nn.Module, features: torch.Tensor, steps: int, lr: float) -> nn.Module:
-    optimizer = torch.optim.AdamW(reconstructor.parameters(), lr=lr, weight_decay=1e-4)
-    generator = torch.Generator().manual_seed(0)
-    reconstructor.train()
-    for _ in range(steps):
-        batch = features[torch.randint(len(features), (8,), generator=generator)]
-        loss = (reconstructor(batch) - batch).pow(2).sum(1).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return reconstructor.eval()
+@pytest.fixture(scope="module")
+def tokens(textures_root: Path) -> TokenSet:
+    return make_token_set(textures_root)
 
 
-def _token_error(reconstructor: nn.Module, features: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return (reconstructor(features) - features).pow(2).sum(1)
-
-
-def test_query_attention_avoids_the_identity_shortcut(textures_root: Path) -> None:
+@pytest.fixture(scope="module")
+def results(tokens: TokenSet) -> dict[str, dict[str, float]]:
+    channels, grid = tokens.train.shape[1], tokens.train.shape[-2:]
     torch.manual_seed(0)
-    backbone = ADTRModel("tf_efficientnet_lite0", input_size=(SIZE, SIZE), feature_stride=STRIDE).eval()
-    train = _features(backbone, textures_root / "train" / "good")
-    defects, defect_cells = _defect_maps(backbone, textures_root)
-    assert defect_cells.sum() >= 20
-    channels, grid = train.shape[1], train.shape[-1]
-    # Both reconstructors see whole maps (attention is contextual); errors are then read at defect cells.
-    conv = _train(nn.Conv2d(channels, channels, kernel_size=1), train, steps=1000, lr=1e-2)
-    attention = _train(
-        ADTRReconstructor(channels, grid * grid, hidden_dim=64, num_encoder_layers=1, num_decoder_layers=1,
-                          num_heads=4, ffn_dim=128, dropout=0.0),
-        train,
-        steps=300,
-        lr=1e-3,
-    )  # fmt: skip
-
-    errors = {
-        name: float(_token_error(m, defects)[defect_cells].mean())
-        for name, m in [("conv", conv), ("attention", attention)]
+    conv = linear(channels)
+    start = identity_distance(conv)
+    train_model(conv, tokens.train, STEPS, LR["linear"], seed=0)
+    torch.manual_seed(0)
+    query = attention(channels, grid.numel())
+    train_model(query, tokens.train, STEPS, LR["attention"], seed=0)
+    return {
+        "linear": {**score(token_errors(conv, tokens.test), tokens), "start": start, "end": identity_distance(conv)},
+        "attention": score(token_errors(query, tokens.test), tokens),
+        "zero": score(token_errors(None, tokens.test), tokens),
+        "copy": score(token_errors(nn.Identity(), tokens.test), tokens),
     }
-    energy = float(defects.pow(2).sum(1)[defect_cells].mean())
-    # The conv reconstructs anomalous features to within a few percent of their energy: they become invisible.
-    assert errors["conv"] < 0.1 * energy, (errors, energy)
-    assert errors["attention"] > 5 * errors["conv"], errors
+
+
+@pytest.mark.parametrize("model", ["linear", "attention"])
+def test_both_reconstructors_learn_to_separate(results: dict, model: str) -> None:
+    assert reconstructs_and_separates(results[model], results["zero"]), results
+
+
+@pytest.mark.parametrize("reference", ["zero", "copy"])
+def test_the_check_rejects_a_zero_and_a_copy_model(results: dict, reference: str) -> None:
+    assert not reconstructs_and_separates(results[reference], results["zero"]), results[reference]
+
+
+def test_the_linear_model_drifts_toward_the_identity(results: dict) -> None:
+    assert results["linear"]["end"] < results["linear"]["start"] - 0.15, results["linear"]  # measured: 1.156 -> 0.914
+    assert results["linear"]["normal_relative"] < 0.1  # and it reconstructs normal features almost exactly
+
+
+def test_at_this_budget_the_linear_model_still_separates_brick_at_least_as_well(results: dict) -> None:
+    """What the README reports: the paper's order (attention above linear) does not show on brick here.
+
+    If this starts failing, the measurement changed: re-run the experiment and update the README's table.
+    """
+    assert results["linear"]["token_AUROC"] >= results["attention"]["token_AUROC"] - 0.005, results

@@ -17,8 +17,6 @@ from PIL import Image
 from adtr_anomalib.data import DataError, check_datamodule_files, mvtec_layout_folder
 from tests.helpers import make_folder, save_image, tiny_adtr, tiny_engine
 
-torch.set_num_threads(1)
-
 
 @pytest.fixture
 def root(tmp_path: Path) -> Path:

@@ -20,8 +20,6 @@ from adtr_anomalib.models.adtr_plus.loss import ADTRPlusLoss, pseudo_huber_error
 from tests.conftest import TINY
 from tests.helpers import make_folder, tiny_adtr, tiny_engine
 
-torch.set_num_threads(1)
-
 # Reproducible examples, no timing limit (a slow shared CPU is not a failure), nothing written to the repo.
 PROPERTY = settings(max_examples=60, deadline=None, derandomize=True, database=None)
 # Largest magnitude whose paper loss (squared error summed over 8 channels) is still a float32 number; beyond

@@ -15,8 +15,6 @@ from adtr_anomalib import ADTR
 from adtr_anomalib.data import mvtec_layout_folder
 from tests.helpers import make_folder, state_equal, tiny_adtr, tiny_engine
 
-torch.set_num_threads(1)
-
 EPOCHS = 3  # 2 steps per epoch; the interrupted run stops at the start of epoch 1
 
 

@@ -18,8 +18,6 @@ from adtr_anomalib.data import mvtec_layout_folder
 from tests.conftest import TINY
 from tests.helpers import make_folder, tiny_adtr, tiny_engine
 
-torch.set_num_threads(1)
-
 
 class Payload:
     """Unpickling this object calls ``Path(marker).touch()``: a stand-in for any code an attacker chooses."""
