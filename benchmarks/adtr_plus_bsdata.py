@@ -22,8 +22,8 @@ on scores the default post-processor has min-max normalised (raw scores give a s
 validation set is the test set (as anomalib's MVTecAD does), so that normalisation covers every test score.
 Image-level labels are partly confounded on this data (README); judge by pixel AUROC and AUPRO first.
 
-PatchCore's coreset selection fragments glibc's heap on small CPU machines; the script re-executes itself
-with ``MALLOC_MMAP_THRESHOLD_=1048576`` (spec §5), which then applies to every model alike.
+PatchCore's coreset selection fragments glibc's heap on small CPU machines; the script applies glibc's
+``MALLOC_MMAP_THRESHOLD_=1048576`` to its own process first (spec §5), so it holds for every model alike.
 
 Full run (hours on a CPU):  python benchmarks/adtr_plus_bsdata.py --adtr-epochs 50 --plus-epochs 20
 Smoke test (minutes):       python benchmarks/adtr_plus_bsdata.py --adtr-epochs 1 --plus-epochs 1 \\
@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -48,7 +47,14 @@ from anomalib.engine import Engine
 from lightning.pytorch import seed_everything
 
 from adtr_anomalib import ADTR, ADTRPlus
-from adtr_anomalib.benchmark import MALLOC_ENV, METRICS, build_model, markdown_table, write_csv
+from adtr_anomalib.benchmark import (
+    MALLOC_ENV,
+    METRICS,
+    build_model,
+    limit_heap_fragmentation,
+    markdown_table,
+    write_csv,
+)
 from adtr_anomalib.data import ConfettiNoise, WithAnomalies, subsample_splits
 from adtr_anomalib.metrics import inspection_evaluator
 
@@ -114,10 +120,7 @@ def _batches(value: str) -> int | float:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run every row, print a Markdown table and write ``<output>/results.csv``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if any(os.environ.get(key) != value for key, value in MALLOC_ENV.items()):
-        # glibc reads the setting at process start: run this script again with it (and offline hub access).
-        env = {"HF_HUB_OFFLINE": "1", **os.environ, **MALLOC_ENV}
-        os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *argv], env)
+    limit_heap_fragmentation()  # PatchCore and every model under the same allocator setting
     args = _parser().parse_args(argv)
     data = args.data.resolve()
     if not (data / "train" / "good").is_dir() or not (data / "test" / "pitting").is_dir():

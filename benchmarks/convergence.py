@@ -41,9 +41,9 @@ from torchmetrics.functional.classification import binary_auroc
 from adtr_anomalib import ADTR
 from adtr_anomalib.data import default_dataset_root, make_texture_dataset, mvtec_layout_folder
 from adtr_anomalib.models.adtr.anomaly_map import AnomalyMapGenerator
-from adtr_anomalib.models.adtr.lightning_model import RECIPES, lr_scheduler, native_bf16
 from adtr_anomalib.models.adtr.loss import ADTRLoss
 from adtr_anomalib.models.adtr.torch_model import DEFAULT_LAYERS, ADTRModel, ADTRReconstructor, per_pixel_statistics
+from adtr_anomalib.models.training import RECIPES, lr_scheduler, native_bf16
 
 BACKBONE = "tf_efficientnet_lite0"
 SHARED_DATA = Path(os.environ.get("ADTR_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import tempfile
 import threading
@@ -46,7 +45,7 @@ from lightning.pytorch import seed_everything
 from torch.utils.flop_counter import FlopCounterMode
 
 from adtr_anomalib import ADTR
-from adtr_anomalib.benchmark import MALLOC_ENV, build_model, markdown_table, write_csv
+from adtr_anomalib.benchmark import build_model, limit_heap_fragmentation, markdown_table, write_csv
 from adtr_anomalib.data import default_dataset_root, make_texture_dataset, mvtec_layout_folder
 from adtr_anomalib.deploy import PARITY_TOLERANCES, openvino_config
 
@@ -85,9 +84,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Fit, export, measure; print the table and the target ratios."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if any(os.environ.get(key) != value for key, value in MALLOC_ENV.items()):
-        env = {"HF_HUB_OFFLINE": "1", **os.environ, **MALLOC_ENV}  # glibc reads it at process start
-        os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *argv], env)
+    limit_heap_fragmentation()  # PatchCore and every model under the same allocator setting
     args = _parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     seed_everything(0)

@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from adtr_anomalib.models.adtr.lightning_model import RECIPES, native_bf16
 from adtr_anomalib.models.adtr.loss import ADTRLoss
 from adtr_anomalib.models.adtr.torch_model import ADTRReconstructor
+from adtr_anomalib.models.training import RECIPES, native_bf16
 
 CHANNELS, TOKENS, BATCH = 512, 256, 16
 

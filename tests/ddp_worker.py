@@ -39,7 +39,7 @@ class CacheCheck(Callback):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.current_epoch + 1 < trainer.max_epochs:
             return
-        cache = pl_module._feature_cache  # what is checked is exactly this private store
+        cache = pl_module.feature_cache.features  # what is checked is exactly this store
         dataset = trainer.datamodule.train_data
         index = {str(path): i for i, path in enumerate(dataset.samples["image_path"])}
         worst = 0.0

@@ -45,7 +45,7 @@ def _datamodule(root, train_on_moved: bool) -> WithAnomalies:
 
 def _build(cls: type, initial_state: dict | None) -> ADTR | ADTRPlus:
     model = cls(**MODEL, pre_processor=cls.configure_pre_processor((SIZE, SIZE), BACKBONE))
-    model.setup("fit")  # loads the backbone weights
+    model.on_fit_start()  # loads the backbone weights
     if initial_state is not None:
         model.model.load_state_dict(initial_state)
     return model
@@ -57,7 +57,7 @@ def _train(model: ADTR | ADTRPlus, datamodule: WithAnomalies) -> None:
     optimizer = torch.optim.AdamW(model.model.reconstructor.parameters(), lr=3e-3, weight_decay=1e-4)
     generator = torch.Generator().manual_seed(0)
     model.train()
-    model._use_cache = True  # inputs are fixed, as on_train_start would decide
+    model.feature_cache.enable(True)  # inputs are fixed, as on_train_start would decide
     step = 0
     while step < STEPS:
         order = torch.randperm(len(items), generator=generator).tolist()

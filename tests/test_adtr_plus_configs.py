@@ -75,6 +75,6 @@ def test_confetti_config_trains_and_tests_through_the_cli(tmp_path: Path) -> Non
     ]
     cli = AnomalibCLI(args)
     assert cli.engine.trainer.global_step == 1
-    assert not cli.model._use_cache  # confetti on the fly: no feature cache
+    assert not cli.model.feature_cache.enabled  # confetti on the fly: no feature cache
     assert "pixel_AUROC" in cli.engine.trainer.callback_metrics
     assert list((tmp_path / "results").rglob("*.ckpt"))

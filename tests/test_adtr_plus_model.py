@@ -16,8 +16,8 @@ from anomalib.models.components import AnomalibModule
 
 from adtr_anomalib import ADTR, ADTRModel, ADTRPlus
 from adtr_anomalib.data import ConfettiNoise, FolderWithAnomalies, WithAnomalies, make_texture_dataset
-from adtr_anomalib.models.adtr.lightning_model import ADTRLightningMixin
 from adtr_anomalib.models.adtr_plus.loss import masks_to_token_labels, pseudo_huber_error
+from adtr_anomalib.models.base import ADTRLightningMixin
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -135,7 +135,7 @@ def test_start_from_adtr_checkpoint_then_one_step_pulls_normal_and_pushes_anomal
     path = tmp_path / "adtr.ckpt"
     adtr = _train_adtr_checkpoint(path)
     plus = _tiny(ADTRPlus, adtr_checkpoint=str(path))
-    plus.setup("fit")
+    plus.on_fit_start()
     assert bool(plus.adtr_checkpoint_loaded)
     for key, value in adtr.model.state_dict().items():
         torch.testing.assert_close(plus.model.state_dict()[key], value)
@@ -164,14 +164,14 @@ def test_start_from_adtr_checkpoint_then_one_step_pulls_normal_and_pushes_anomal
 def test_adtr_checkpoint_errors_name_the_file(tmp_path: Path) -> None:
     missing = tmp_path / "missing.ckpt"
     with pytest.raises(FileNotFoundError, match=r"adtr_checkpoint '.*missing\.ckpt' does not exist"):
-        _tiny(ADTRPlus, adtr_checkpoint=str(missing)).setup("fit")
+        _tiny(ADTRPlus, adtr_checkpoint=str(missing)).on_fit_start()
     path = tmp_path / "adtr.ckpt"
     _train_adtr_checkpoint(path)
     with pytest.raises(ValueError, match=r"adtr_checkpoint '.*adtr\.ckpt' does not fit .*'hidden_dim': 32"):
-        _tiny(ADTRPlus, adtr_checkpoint=str(path), hidden_dim=64).setup("fit")
+        _tiny(ADTRPlus, adtr_checkpoint=str(path), hidden_dim=64).on_fit_start()
     # Same tensor shapes, other network: caught through the checkpoint's saved arguments.
     with pytest.raises(ValueError, match=r"num_heads=4 there, 2 here"):
-        _tiny(ADTRPlus, adtr_checkpoint=str(path), num_heads=2).setup("fit")
+        _tiny(ADTRPlus, adtr_checkpoint=str(path), num_heads=2).on_fit_start()
     # A raw state dict has no saved arguments; the shapes still catch another image size.
     raw = tmp_path / "raw.pt"
     torch.save(_tiny(ADTR).model.state_dict(), raw)
@@ -180,11 +180,11 @@ def test_adtr_checkpoint_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(
         ValueError, match=r"raw\.pt' does not fit .*pos_embed: \(1, 16, 32\) in the file, \(1, 36, 32\)"
     ):
-        plus.setup("fit")
+        plus.on_fit_start()
     garbage = tmp_path / "notes.ckpt"
     garbage.write_text("not a checkpoint")
     with pytest.raises(ValueError, match=r"adtr_checkpoint '.*notes\.ckpt' could not be read"):
-        _tiny(ADTRPlus, adtr_checkpoint=str(garbage)).setup("fit")
+        _tiny(ADTRPlus, adtr_checkpoint=str(garbage)).on_fit_start()
 
 
 def test_restored_adtr_plus_is_not_reset_to_the_adtr_start(tmp_path: Path) -> None:
@@ -194,7 +194,7 @@ def test_restored_adtr_plus_is_not_reset_to_the_adtr_start(tmp_path: Path) -> No
     plus.adtr_checkpoint_loaded.fill_(True)  # as restored from an ADTR+ checkpoint
     before = {k: v.clone() for k, v in plus.model.state_dict().items()}
     path.unlink()  # the starting point may be gone on the machine that restores the model
-    plus.setup("fit")
+    plus.on_fit_start()
     for key, value in before.items():
         torch.testing.assert_close(plus.model.state_dict()[key], value)
 
@@ -219,7 +219,7 @@ def test_engine_fit_from_real_adtr_checkpoint_with_confetti_turns_cache_off(
     with caplog.at_level(logging.INFO):
         engine.fit(plus, datamodule=datamodule)
     assert bool(plus.adtr_checkpoint_loaded)
-    assert not plus._use_cache
+    assert not plus.feature_cache.enabled
     assert "feature cache off because the training images change every epoch" in caplog.text
     assert engine.trainer.global_step == 1
     results = engine.test(plus, datamodule=datamodule)
@@ -228,7 +228,7 @@ def test_engine_fit_from_real_adtr_checkpoint_with_confetti_turns_cache_off(
     # The trained ADTR+ checkpoint reloads offline, without the ADTR file it started from.
     Path(checkpoint).unlink()
     restored = ADTRPlus.load_from_checkpoint(engine.trainer.checkpoint_callback.best_model_path)
-    restored.setup("fit")
+    restored.on_fit_start()
     assert bool(restored.adtr_checkpoint_loaded)
     for key, value in plus.model.state_dict().items():
         torch.testing.assert_close(restored.model.state_dict()[key], value)
@@ -253,7 +253,7 @@ def test_engine_fit_with_image_labels_and_no_masks_anywhere(textures: Path, tmp_
     engine = _engine(tmp_path)
     engine.fit(plus, datamodule=datamodule)
     assert datamodule.train_data.task.value == "classification"
-    assert plus._use_cache  # real images only: the feature cache stays on
+    assert plus.feature_cache.enabled  # real images only: the feature cache stays on
     assert engine.trainer.global_step == 1
     assert torch.isfinite(engine.trainer.callback_metrics["train_loss"])
 

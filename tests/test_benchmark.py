@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import os
 import statistics
 
 import pytest
 import torch
 from anomalib.data.utils import ValSplitMode
 
+import adtr_anomalib.benchmark
 from adtr_anomalib.benchmark import build_model, markdown_table, write_csv
 from adtr_anomalib.benchmark.plan import DataSpec
 from adtr_anomalib.benchmark.report import NUMERIC, summarise, summary_table
@@ -116,3 +118,19 @@ def test_thresholds_come_from_held_back_training_images_not_the_test_images(tiny
     datamodule.setup()
     test = set(datamodule.test_data.samples["image_path"])
     assert not test & set(datamodule.val_data.samples["image_path"])
+
+
+def test_benchmark_applies_the_allocator_setting_in_its_own_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No os.exec*: glibc's mallopt sets the threshold now; the variable is set for child processes.
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    replaced: list[tuple] = []
+    for name in ("execv", "execve"):
+        monkeypatch.setattr(os, name, lambda *args: replaced.append(args))
+    applied: list[bool] = []
+    limit = adtr_anomalib.benchmark.limit_heap_fragmentation
+    monkeypatch.setattr(adtr_anomalib.benchmark, "limit_heap_fragmentation", lambda: applied.append(limit()))
+    monkeypatch.setattr(adtr_anomalib.benchmark, "cli", lambda argv: len(argv))
+    assert adtr_anomalib.benchmark.main(["--config", "x.yaml"]) == 2  # went on to cli, in this process
+    assert replaced == []
+    assert applied == [True]  # glibc accepted the threshold (this machine and CI run glibc)
+    assert os.environ["MALLOC_MMAP_THRESHOLD_"] == "1048576"

@@ -12,9 +12,9 @@ from anomalib.data.utils import ValSplitMode
 
 from adtr_anomalib import ADTR, ADTRPlus
 from adtr_anomalib.data import mvtec_layout_folder
-from adtr_anomalib.models.adtr import lightning_model
-from adtr_anomalib.models.adtr.lightning_model import RECIPES, lr_scheduler
+from adtr_anomalib.models import base
 from adtr_anomalib.models.adtr.torch_model import FEATURE_STATISTICS, ADTRModel, ADTRReconstructor
+from adtr_anomalib.models.training import RECIPES, lr_scheduler
 from tests.conftest import TINY
 from tests.helpers import make_folder, tiny_adtr, tiny_engine, tiny_torch_model
 
@@ -179,9 +179,9 @@ def test_bf16_only_where_the_hardware_computes_it(monkeypatch: pytest.MonkeyPatc
     dtypes = []
     model.model.reconstructor.input_proj.register_forward_hook(lambda _m, _i, out: dtypes.append(out.dtype))
     features = torch.randn(2, *model.model.extract_features(torch.rand(1, 3, 32, 32)).shape[1:])
-    monkeypatch.setattr(lightning_model, "native_bf16", lambda _device: False)
+    monkeypatch.setattr(base, "native_bf16", lambda _device: False)
     model.reconstruct_for_training(features)
-    monkeypatch.setattr(lightning_model, "native_bf16", lambda _device: True)
+    monkeypatch.setattr(base, "native_bf16", lambda _device: True)
     model.reconstruct_for_training(features)
     model.hparams.bf16 = False
     model.reconstruct_for_training(features)

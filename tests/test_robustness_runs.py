@@ -13,6 +13,7 @@ from lightning.pytorch import seed_everything
 
 from adtr_anomalib import ADTR
 from adtr_anomalib.data import mvtec_layout_folder
+from adtr_anomalib.models.adtr.torch_model import ADTRModel
 from tests.helpers import make_folder, state_equal, tiny_adtr, tiny_engine
 
 EPOCHS = 3  # 2 steps per epoch; the interrupted run stops at the start of epoch 1
@@ -59,16 +60,28 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("runs")
     root = make_folder(tmp / "part")
     out = tmp / "results"
-    first, first_dir = _train(root, out, seed=0)
-    first_checkpoint = first_dir / "weights" / "lightning" / "model.ckpt"
-    snapshot = first_checkpoint.read_bytes()
-    with pytest.raises(RuntimeError, match="power cut"):
-        _train(root, out, seed=0, callbacks=[PowerCut(1)])
-    interrupted_dir = sorted((out / "ADTR" / "part").glob("v*"))[-1]
-    interrupted_checkpoint = interrupted_dir / "weights" / "lightning" / "model.ckpt"
-    interrupted_snapshot = interrupted_checkpoint.read_bytes()
-    # A different seed: everything that matters must come from the checkpoint.
-    resumed, resumed_dir = _train(root, out, seed=123, ckpt_path=interrupted_checkpoint)
+    loads: list[int] = []  # calls of ADTRModel.load_backbone_weights, counted per run below
+    load = ADTRModel.load_backbone_weights
+
+    def counted(model: ADTRModel, *args: object, **kwargs: object) -> str:
+        loads[-1] += 1
+        return load(model, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ADTRModel, "load_backbone_weights", counted)
+        loads.append(0)
+        first, first_dir = _train(root, out, seed=0)
+        first_checkpoint = first_dir / "weights" / "lightning" / "model.ckpt"
+        snapshot = first_checkpoint.read_bytes()
+        loads.append(0)
+        with pytest.raises(RuntimeError, match="power cut"):
+            _train(root, out, seed=0, callbacks=[PowerCut(1)])
+        interrupted_dir = sorted((out / "ADTR" / "part").glob("v*"))[-1]
+        interrupted_checkpoint = interrupted_dir / "weights" / "lightning" / "model.ckpt"
+        interrupted_snapshot = interrupted_checkpoint.read_bytes()
+        # A different seed: everything that matters must come from the checkpoint.
+        loads.append(0)
+        resumed, resumed_dir = _train(root, out, seed=123, ckpt_path=interrupted_checkpoint)
     again, _ = _train(root, out, seed=0)
     return {
         "root": root,
@@ -78,7 +91,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "again": again,
         "dirs": [first_dir, interrupted_dir, resumed_dir],
         "checkpoints": {first_checkpoint: snapshot, interrupted_checkpoint: interrupted_snapshot},
+        "weight_loads": {"first": loads[0], "interrupted": loads[1], "resumed": loads[2]},
     }
+
+
+def test_a_resumed_run_keeps_the_checkpoints_backbone_and_loads_no_weights(runs: dict) -> None:
+    # A fresh run loads the ImageNet weights once; a resumed one has them from the checkpoint (no download).
+    assert runs["weight_loads"] == {"first": 1, "interrupted": 1, "resumed": 0}
 
 
 def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_run(runs: dict) -> None:

@@ -7,11 +7,13 @@ test, in one process under the same allocator setting.
 
 Run ``adtr-anomalib benchmark --help`` (or ``python -m adtr_anomalib.benchmark``); configs live in
 ``configs/benchmark/``. PatchCore needs ``MALLOC_MMAP_THRESHOLD_=1048576`` on small CPU machines (glibc heap
-fragmentation); the command sets it and re-executes itself when it is missing.
+fragmentation); the command applies that setting to its own process (:func:`limit_heap_fragmentation`).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import sys
 from collections.abc import Sequence
@@ -20,8 +22,36 @@ from adtr_anomalib.benchmark.models import METRICS, build_model
 from adtr_anomalib.benchmark.report import markdown_table, write_csv
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576"}
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter that MALLOC_MMAP_THRESHOLD_ sets at start-up
 
-__all__ = ["MALLOC_ENV", "METRICS", "build_model", "cli", "main", "markdown_table", "write_csv"]
+__all__ = [
+    "MALLOC_ENV",
+    "METRICS",
+    "build_model",
+    "cli",
+    "limit_heap_fragmentation",
+    "main",
+    "markdown_table",
+    "write_csv",
+]
+
+
+def limit_heap_fragmentation() -> bool:
+    """glibc's ``MALLOC_MMAP_THRESHOLD_=1048576`` for this running process and the processes it starts.
+
+    PatchCore's large, short-lived buffers otherwise fragment glibc's heap until a small machine runs out of memory
+    (spec section 5). The variable alone acts only when a process starts; ``mallopt`` applies the same threshold
+    now, so benchmarks need no re-execution of themselves. The variable is set too, for child processes.
+
+    Returns:
+        Whether the threshold was applied (``False`` where the C library is not glibc).
+    """
+    os.environ.update(MALLOC_ENV)
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    return mallopt(M_MMAP_THRESHOLD, int(MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"])) == 1
 
 
 def cli(argv: Sequence[str]) -> int:
@@ -41,9 +71,6 @@ def cli(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: re-executes itself with the allocator setting (glibc reads it at start-up), then :func:`cli`."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(os.environ.get(key) != value for key, value in MALLOC_ENV.items()):
-        command = [sys.executable, "-m", "adtr_anomalib.benchmark", *argv]
-        os.execve(sys.executable, command, {**os.environ, **MALLOC_ENV})
-    return cli(argv)
+    """Entry point: the allocator setting (:func:`limit_heap_fragmentation`), then :func:`cli`."""
+    limit_heap_fragmentation()
+    return cli(list(sys.argv[1:] if argv is None else argv))

@@ -33,8 +33,10 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
-from adtr_anomalib.models.adtr.lightning_model import ADTRLightningMixin, LRSchedule, Recipe, check_finite
 from adtr_anomalib.models.adtr.torch_model import DEFAULT_LAYERS, FEATURE_STATISTICS, MAP_STATISTICS
+from adtr_anomalib.models.base import ARCHITECTURE_ARGUMENTS, ADTRLightningMixin
+from adtr_anomalib.models.checkpoints import fill_statistics, plain
+from adtr_anomalib.models.training import LRSchedule, Recipe, check_finite
 
 from .loss import ADTRPlusLoss, masks_to_token_labels, pseudo_huber_error
 
@@ -43,20 +45,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["ADTRPlus"]
 
 Supervision = Literal["auto", "pixel", "image"]
-
-# Arguments that shape the ADTRModel; an ADTR checkpoint must have been trained with the same values.
-_ARCHITECTURE = (
-    "backbone",
-    "layers",
-    "feature_stride",
-    "patch_size",
-    "hidden_dim",
-    "num_encoder_layers",
-    "num_decoder_layers",
-    "num_heads",
-    "ffn_dim",
-    "normalize_features",
-)
 
 
 class ADTRPlus(ADTRLightningMixin, AnomalibModule):
@@ -157,13 +145,12 @@ class ADTRPlus(ADTRLightningMixin, AnomalibModule):
             raise ValueError(msg)
         super().on_load_checkpoint(checkpoint)
 
-    def load_weights(self, stage: str) -> None:
-        """Load the ADTR starting point (once, before training), then ADTR's backbone weights if still needed."""
-        trainer = getattr(self, "_trainer", None)
-        resuming = trainer is not None and trainer.ckpt_path is not None
-        if self.hparams.adtr_checkpoint and stage == "fit" and not resuming and not bool(self.adtr_checkpoint_loaded):
+    def load_weights(self) -> None:
+        """Load the ADTR starting point (once, before training; a resumed ADTR+ checkpoint has it), then ADTR's
+        backbone weights if still needed."""
+        if self.hparams.adtr_checkpoint and not bool(self.adtr_checkpoint_loaded):
             self.load_adtr_checkpoint(self.hparams.adtr_checkpoint)
-        super().load_weights(stage)
+        super().load_weights()
 
     def load_adtr_checkpoint(self, path: str | Path) -> None:
         """Copy the ``ADTRModel`` weights of a trained ADTR into this model.
@@ -189,12 +176,11 @@ class ADTRPlus(ADTRLightningMixin, AnomalibModule):
         if any(key.startswith("model.") for key in state):  # a Lightning checkpoint of ADTR or ADTR+
             state = {key.removeprefix("model."): value for key, value in state.items() if key.startswith("model.")}
         if any(key.startswith("reconstructor.") for key in state):  # saved before the statistics: identity
-            for name in (*FEATURE_STATISTICS, *MAP_STATISTICS):
-                state.setdefault(name, getattr(self.model, name))
+            fill_statistics(state, self.model, (*FEATURE_STATISTICS, *MAP_STATISTICS), prefix="")
         trained_with = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
-        architecture = {key: trained_with[key] for key in _ARCHITECTURE if key in trained_with}
+        architecture = {key: trained_with[key] for key in ARCHITECTURE_ARGUMENTS if key in trained_with}
         # Shapes alone miss a different head count or backbone of the same width: compare the saved arguments.
-        differs = [key for key, value in architecture.items() if _plain(value) != _plain(self.hparams[key])]
+        differs = [key for key, value in architecture.items() if plain(value) != plain(self.hparams[key])]
         problem = _state_dict_mismatch(self.model.state_dict(), state)
         if differs:
             problem = "; ".join(f"{key}={architecture[key]!r} there, {self.hparams[key]!r} here" for key in differs)
@@ -269,8 +255,3 @@ def _state_dict_mismatch(expected: dict[str, torch.Tensor], given: dict[str, Any
     if wrong_shape:
         parts.append(f"{len(wrong_shape)} with other shapes, e.g. {wrong_shape[0]}")
     return "; ".join(parts)
-
-
-def _plain(value: Any) -> Any:
-    """Tuples and lists compare equal (hyper-parameters come back from checkpoints as lists)."""
-    return list(value) if isinstance(value, tuple | list) else value

@@ -1,0 +1,387 @@
+"""What ADTR and ADTR+ share as anomalib modules: the network, weights, pre-processing, optimiser and hooks.
+
+The pieces with their own concern live beside it, each in one named file: ``checkpoints.py`` (checkpoint
+compatibility and RNG state), ``feature_cache.py`` (the frozen-feature cache), ``training.py`` (recipes,
+learning-rate schedule, bf16), ``export.py`` (INT8 settings and frozen torch export).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch
+from anomalib.post_processing import PostProcessor
+from anomalib.pre_processing import PreProcessor
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import nn
+from torchvision.transforms.v2 import Compose, Normalize, Resize
+
+from adtr_anomalib.data.validation import check_datamodule_files, check_dataset_files, check_folder_layout
+from adtr_anomalib.visualization import LoggingImageVisualizer
+
+from .adtr.torch_model import DEFAULT_LAYERS, FEATURE_STATISTICS, MAP_STATISTICS, ADTRModel, SumReduce
+from .checkpoints import (
+    CHECKPOINT_IO,
+    RNG_STATE_KEY,
+    adopt_network_arguments,
+    check_checkpoint_file,
+    fill_statistics,
+    match_evaluator_state,
+    rng_state,
+    set_rng_state,
+)
+from .components import backbone_normalization
+from .export import frozen_parameters, quantize_ov
+from .feature_cache import FeatureCache, cache_blockers
+from .training import RECIPES, check_finite, lr_scheduler, native_bf16
+
+logger = logging.getLogger(__name__)
+
+# Constructor arguments that shape the network's tensors: an ADTR checkpoint that ADTR+ starts from must match them.
+ARCHITECTURE_ARGUMENTS = (
+    "backbone",
+    "layers",
+    "feature_stride",
+    "patch_size",
+    "hidden_dim",
+    "num_encoder_layers",
+    "num_decoder_layers",
+    "num_heads",
+    "ffn_dim",
+    "normalize_features",
+)
+# All constructor arguments of ADTR and ADTR+ that define the shared network (`ADTRModel`).
+MODEL_ARGUMENTS = (
+    *ARCHITECTURE_ARGUMENTS,
+    "dropout",
+    "pooling_kernel",
+    "map_layers",
+    "feature_jitter",
+    "normalize_map",
+)
+
+
+class ADTRLightningMixin:
+    """What ADTR and ADTR+ share as anomalib modules: same network, weights, pre-processing, optimiser.
+
+    A mixin rather than a base class because anomalib only finds *direct* subclasses of ``AnomalibModule``
+    (``get_model``/``list_models``), so ``ADTRPlus`` cannot subclass ``ADTR``.
+    """
+
+    model: ADTRModel
+    hparams: Any
+
+    def build_adtr(self) -> None:
+        """Build the torch model from the saved constructor arguments; the backbone weights come later, in `setup`."""
+        self.apply_recipe()
+        lr_schedule = self.hparams.lr_schedule
+        if lr_schedule not in {"step", "cosine"}:
+            msg = f"lr_schedule must be 'step' or 'cosine', got {lr_schedule!r}."
+            raise ValueError(msg)
+        lr, weight_decay = self.hparams.lr, self.hparams.weight_decay
+        if not (math.isfinite(lr) and lr > 0 and math.isfinite(weight_decay) and weight_decay >= 0):
+            msg = f"lr must be a finite number > 0 and weight_decay one >= 0, got lr={lr}, weight_decay={weight_decay}."
+            raise ValueError(msg)
+        if int(self.hparams.warmup_steps) != self.hparams.warmup_steps or self.hparams.warmup_steps < 0:
+            msg = f"warmup_steps must be a whole number >= 0, got {self.hparams.warmup_steps!r}."
+            raise ValueError(msg)
+        clip = self.hparams.gradient_clip_val
+        if clip is not None and not (math.isfinite(clip) and clip > 0):
+            msg = f"gradient_clip_val must be None (no clipping) or a finite number > 0, got {clip!r}."
+            raise ValueError(msg)
+        self.model: ADTRModel = self._network(self.input_size or (256, 256))
+        self.feature_cache = FeatureCache()
+        self._map_statistics_step: int | None = None  # global step the map statistics were fitted at
+
+    def apply_recipe(self) -> None:
+        """Give the arguments that the named ``recipe`` sets its values, where they were left at their defaults.
+
+        An argument set to anything other than its default wins over the recipe. The effective values are what
+        the checkpoint saves, so a reloaded model is the trained one.
+        """
+        recipe = self.hparams.recipe
+        if recipe not in RECIPES:
+            msg = f"recipe must be one of {sorted(RECIPES)}, got {recipe!r}."
+            raise ValueError(msg)
+        defaults = inspect.signature(type(self).__init__).parameters
+        for key, value in RECIPES[recipe].items():
+            if key == "map_layers" and list(self.hparams.layers) != list(DEFAULT_LAYERS):
+                continue  # the recipe's stages are those of the default layers; other layers keep their full map
+            if self.hparams[key] == defaults[key].default:
+                self.hparams[key] = value
+
+    def _network(self, input_size: tuple[int, int]) -> ADTRModel:
+        """The torch model for ``input_size``, from the saved constructor arguments, without backbone weights."""
+        return ADTRModel(pre_trained=False, input_size=input_size, **{k: self.hparams[k] for k in MODEL_ARGUMENTS})
+
+    @classmethod
+    def default_pre_processor(cls, pre_processor: nn.Module | bool, backbone: str) -> nn.Module | bool:
+        """``True`` means resize plus the backbone's normalisation (the base class would use ImageNet's)."""
+        return cls.configure_pre_processor(backbone=backbone) if pre_processor is True else pre_processor
+
+    @classmethod
+    def configure_visualizer(cls) -> LoggingImageVisualizer:
+        """anomalib's visualiser, also feeding the images to TensorBoard/MLflow/W&B/Comet loggers when given."""
+        return LoggingImageVisualizer()
+
+    @classmethod
+    def configure_pre_processor(
+        cls,
+        image_size: tuple[int, int] | None = None,
+        backbone: str = "efficientnet_b4",
+    ) -> PreProcessor:
+        """Resize (default 256x256, the paper's size) and normalise with the backbone's own statistics."""
+        mean, std = backbone_normalization(backbone)
+        return PreProcessor(transform=Compose([Resize(image_size or (256, 256), antialias=True), Normalize(mean, std)]))
+
+    def prepare_data(self) -> None:
+        """Check a ``Folder`` datamodule's folders (masks pair with images) before anomalib reads them."""
+        check_folder_layout(getattr(getattr(self, "_trainer", None), "datamodule", None))
+
+    def setup(self, stage: str) -> None:
+        """Check every image and mask file before anything slow (downloads, checkpoints), so a corrupt image stops
+        the run at once, with its name."""
+        del stage
+        check_datamodule_files(getattr(getattr(self, "_trainer", None), "datamodule", None))
+
+    def on_fit_start(self) -> None:
+        """Load the weights training starts from. Lightning has restored a resumed checkpoint by now (it has not
+        yet in ``setup``), so a resumed run keeps the checkpoint's weights and never downloads."""
+        self.load_weights()
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | Path, *args, **kwargs) -> Any:
+        """Lightning's loader, refusing a file that is no checkpoint with its name (``anomalib export`` uses it)."""
+        check_checkpoint_file(checkpoint_path)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)  # type: ignore[misc]
+
+    def on_test_start(self) -> None:
+        """Refuse to score with random weights (see :meth:`check_trained`)."""
+        self.check_trained()
+
+    def on_predict_start(self) -> None:
+        """Refuse to score with random weights (see :meth:`check_trained`)."""
+        self.check_trained()
+
+    def check_trained(self) -> None:
+        """Refuse to test or predict with a model that was never trained nor loaded from a checkpoint.
+
+        ImageNet weights are only loaded when training starts, so such a model has a random backbone and a random
+        transformer: its scores would look plausible and mean nothing. A checkpoint (``ckpt_path`` is restored
+        before this runs) or a fit sets ``backbone_weights_loaded``. ``pre_trained=False`` asks for random
+        weights, so it only gets a warning.
+        """
+        if bool(self.model.backbone_weights_loaded):
+            return
+        msg = (
+            f"{type(self).__name__} has not been trained and no checkpoint was given, so its backbone and "
+            "transformer are random. Fit it first (engine.fit / anomalib train), pass ckpt_path=... (--ckpt_path) "
+            f"with a trained checkpoint, or load one with {type(self).__name__}.load_from_checkpoint(path)."
+        )
+        if self.hparams.pre_trained:
+            raise RuntimeError(msg)
+        logger.warning(msg)
+
+    def load_weights(self) -> None:
+        """ImageNet backbone weights before training, unless a checkpoint (resumed, or trained before) has them.
+
+        Only when fitting: to test or predict, the weights come from the checkpoint or the training that just ran,
+        and ``anomalib predict --model ADTR --ckpt_path ...`` must not download the default backbone's weights.
+        """
+        if self.hparams.pre_trained and not bool(self.model.backbone_weights_loaded):
+            self.model.load_backbone_weights(self.hparams.weights)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Also save the random number generators, so a run resumed from this checkpoint continues exactly."""
+        super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
+        checkpoint[RNG_STATE_KEY] = rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the saved pre-processor, then rebuild the network if its image size differs.
+
+        ``load_from_checkpoint`` builds the model before the saved pre-processor is restored (it is not a
+        hyper-parameter), i.e. for 256x256; a model trained at another size would then not load, because its
+        query and positional embeddings have one entry per feature-grid position.
+
+        A resumed ``fit`` also continues the saved random sequence (the same shuffles and dropout as without the
+        break). It must happen here: Lightning builds the first epoch's data iterator, drawing its shuffle, in
+        ``configure_optimizers`` (``estimated_stepping_batches``), before any later hook. A plain load, or a test
+        from a checkpoint, leaves the caller's generators alone.
+        """
+        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+        size = self.input_size
+        size = (int(size[0]), int(size[1])) if size is not None else self.model.input_size
+        changed = adopt_network_arguments(checkpoint, self.hparams, MODEL_ARGUMENTS, type(self).__name__)
+        if changed or size != self.model.input_size:
+            self.model = self._network(size)
+        match_evaluator_state(checkpoint, self)
+        fill_statistics(checkpoint, self.model, (*FEATURE_STATISTICS, *MAP_STATISTICS))
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING and RNG_STATE_KEY in checkpoint:
+            set_rng_state(checkpoint[RNG_STATE_KEY])
+
+    @staticmethod
+    def _post_training_quantization_ov(model: Any, datamodule: Any = None) -> Any:
+        """anomalib's INT8 post-training quantisation, with the NNCF settings of :func:`quantize_ov`."""
+        return quantize_ov(model, datamodule)
+
+    def to_torch(self, export_root: Path | str, model_file_name: str = "model") -> Path:
+        """anomalib's torch export, saved with every parameter frozen (see :func:`frozen_parameters`)."""
+        with frozen_parameters(self):  # type: ignore[arg-type]
+            return super().to_torch(export_root, model_file_name)  # type: ignore[misc]
+
+    def training_dataset(self) -> Any:
+        """The training dataset, from the datamodule or, when fitting with plain dataloaders, from the loader."""
+        trainer = getattr(self, "_trainer", None)
+        dataset = getattr(getattr(trainer, "datamodule", None), "train_data", None)
+        if dataset is None:
+            dataset = getattr(getattr(trainer, "train_dataloader", None), "dataset", None)
+        return dataset
+
+    def on_train_start(self) -> None:
+        """Decide whether backbone features can be cached.
+
+        Files of training data given as plain dataloaders (no datamodule, so ``setup`` saw none) are checked here.
+        """
+        check_dataset_files([self.training_dataset()])
+        if self.model.needs_feature_statistics:
+            self.fit_feature_statistics()
+        datamodule = getattr(getattr(self, "_trainer", None), "datamodule", None)
+        blockers = cache_blockers(datamodule, self.training_dataset())
+        self.feature_cache.enable(bool(self.hparams.cache_features) and not blockers)
+        if self.hparams.cache_features and blockers:
+            logger.info("%s: feature cache off because %s.", type(self).__name__, " and ".join(blockers))
+
+    def fit_feature_statistics(self) -> None:
+        """Per-channel feature statistics from one pass over the training images (``normalize_features``).
+
+        The datamodule's own training dataloader is read and pre-processed as the training steps are, so the
+        statistics see exactly the images training sees.
+        """
+        loader = self.trainer.train_dataloader
+        pre_processor = self.pre_processor if isinstance(self.pre_processor, nn.Module) else nn.Identity()
+        started = time.perf_counter()
+        images = (pre_processor(batch.image.to(self.device)) for batch in loader)
+        self.model.fit_feature_statistics(images, reduce=self.sum_over_processes())
+        logger.info("%s: feature statistics fitted in %.1f s.", type(self).__name__, time.perf_counter() - started)
+
+    def sum_over_processes(self) -> SumReduce | None:
+        """In distributed training each process reads its own shard of the training set: sum the statistics'
+        accumulators over all of them, so every process (and the checkpoint) gets those of the whole set."""
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None or trainer.world_size == 1:
+            return None
+
+        def reduce(value: torch.Tensor) -> torch.Tensor:
+            return trainer.strategy.reduce(value.to(self.device), reduce_op="sum").to(value.device)
+
+        return reduce
+
+    def on_validation_start(self) -> None:
+        """Fit the map statistics (``normalize_map``) to the weights that validation will see."""
+        self.refresh_map_statistics()
+
+    def on_train_epoch_end(self) -> None:
+        """After the last epoch, fit the map statistics before the checkpoint of a run without validation is saved."""
+        trainer = self.trainer
+        epochs = trainer.max_epochs
+        last = epochs is not None and epochs >= 0 and self.current_epoch + 1 >= epochs
+        if last or trainer.should_stop:
+            self.refresh_map_statistics()
+
+    def on_train_end(self) -> None:
+        """Fit the map statistics to the final weights if a step limit ended training early; free the cache."""
+        self.refresh_map_statistics()
+        self.feature_cache.clear()
+
+    def refresh_map_statistics(self) -> None:
+        """While fitting with ``normalize_map``: per-pixel map statistics of the normal training images, once
+        for every state of the weights (validation after the last epoch and the end of training share one pass).
+
+        The training dataloader is read and pre-processed as in training; images labelled anomalous (ADTR+'s
+        real or synthetic anomalies) are left out, since the statistics describe normal maps.
+        """
+        trainer = getattr(self, "_trainer", None)
+        fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
+        if not (self.model.normalize_map and fitting) or self._map_statistics_step == self.global_step:
+            return
+        pre_processor = self.pre_processor if isinstance(self.pre_processor, nn.Module) else nn.Identity()
+
+        def normal_features() -> Iterator[torch.Tensor]:
+            for batch in trainer.train_dataloader:
+                images = batch.image
+                if getattr(batch, "gt_label", None) is not None:
+                    images = images[~batch.gt_label.to(device=images.device, dtype=torch.bool).view(-1)]
+                if len(images):
+                    yield self.model.extract_features(pre_processor(images.to(self.device)))
+
+        started = time.perf_counter()
+        self.model.fit_map_statistics(normal_features(), reduce=self.sum_over_processes())
+        self._map_statistics_step = self.global_step
+        logger.info("%s: anomaly-map statistics fitted in %.1f s.", type(self).__name__, time.perf_counter() - started)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Stop before a non-finite gradient reaches the weights: a finite loss can still have one."""
+        del optimizer
+        gradients = [p.grad for p in self.model.reconstructor.parameters() if p.grad is not None]
+        if gradients:
+            check_finite(gradients, self.global_step, "a gradient of the transformer")
+
+    def training_features(self, batch: Batch) -> torch.Tensor:
+        """Backbone features for a training batch, from the cache when every image of it is there."""
+        return self.feature_cache.get(batch.image, getattr(batch, "image_path", None), self.model.extract_features)
+
+    def reconstruct_for_training(self, features: torch.Tensor) -> torch.Tensor:
+        """Transformer reconstruction under bf16 autocast when enabled; returned in fp32 for the loss."""
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self._bf16_enabled()):
+            reconstruction = self.model.reconstruct(features)
+        return reconstruction.float()
+
+    def _bf16_enabled(self) -> bool:
+        return bool(self.hparams.bf16) and native_bf16(self.device)
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Anomaly maps and scores for the validation images (used for normalisation and thresholds)."""
+        del args, kwargs
+        predictions = self.model(batch.image)
+        return batch.update(**predictions._asdict())
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW on the transformer only (the backbone stays frozen), stepped per iteration."""
+        optimizer = torch.optim.AdamW(
+            self.model.reconstructor.parameters(),
+            lr=self.hparams.lr,
+            weight_decay=self.hparams.weight_decay,
+        )
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        scheduler = lr_scheduler(optimizer, self.hparams.lr_schedule, total, int(self.hparams.warmup_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """No sanity validation (scores of an untrained model carry no information); the model's gradient clip;
+        checkpoint files checked before they are read."""
+        return {
+            "num_sanity_val_steps": 0,
+            "gradient_clip_val": self.hparams.gradient_clip_val,
+            "plugins": [CHECKPOINT_IO],
+        }
+
+    @property
+    def learning_type(self) -> LearningType:
+        """Trained on normal images only."""
+        return LearningType.ONE_CLASS
+
+    @staticmethod
+    def configure_post_processor() -> PostProcessor:
+        """anomalib's default: min-max normalisation and F1-adaptive thresholds from the validation set."""
+        return PostProcessor()

@@ -1,0 +1,98 @@
+"""Training recipes and step helpers shared by ADTR and ADTR+: named recipes, the learning-rate schedule, bf16."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import torch
+
+from .adtr.torch_model import DEFAULT_LAYERS
+
+LRSchedule = Literal["step", "cosine"]
+Recipe = Literal["paper", "fast"]
+# Named training recipes: the arguments each one changes from the paper's defaults. Chosen by the ablation in
+# benchmarks/convergence.py (learning curves on BSData and the built-in textures, several seeds); see the README.
+RECIPES: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "fast": {
+        "dropout": 0.0,
+        "feature_jitter": 20.0,
+        "normalize_features": True,
+        "lr": 1e-3,
+        "lr_schedule": "cosine",
+        "warmup_steps": 100,
+        "gradient_clip_val": 0.1,
+        # The pixel map without the stride-32 stage (still reconstructed, and still in the image score).
+        "map_layers": list(DEFAULT_LAYERS[:-1]),
+        # Both maps standardised per pixel by the trained model's maps of the normal training images.
+        "normalize_map": True,
+    },
+}
+
+
+def lr_scheduler(
+    optimizer: torch.optim.Optimizer,
+    schedule: LRSchedule,
+    total_steps: int,
+    warmup_steps: int = 0,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step learning-rate factor: a linear warmup over ``warmup_steps``, then the schedule.
+
+    The warmup is capped at half of ``total_steps``, so a short run on a small data set still decays.
+    ``"step"``: x0.1 after 80% of the steps (the paper's epoch 400 of 500, whatever the length). ``"cosine"``:
+    half a cosine from 1 down to 0.01 over the steps after the warmup.
+
+    Args:
+        optimizer: The optimiser whose learning rate is scaled.
+        schedule: ``"step"`` or ``"cosine"``.
+        total_steps: Optimiser steps of the whole run.
+        warmup_steps: Steps of linear warmup (at most half of ``total_steps``).
+
+    Returns:
+        A scheduler to step once per optimiser step.
+    """
+    warmup_steps = min(warmup_steps, total_steps // 2)
+    milestone = math.ceil(0.8 * total_steps)
+    decay_steps = max(total_steps - warmup_steps, 1)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "step":
+            return 0.1 if step >= milestone else 1.0
+        progress = min((step - warmup_steps) / decay_steps, 1.0)
+        return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def check_finite(values: torch.Tensor | Iterable[torch.Tensor], step: int, what: str = "the loss") -> None:
+    """Stop a diverged run with advice instead of training a NaN model (one sync for all tensors).
+
+    Lightning's ``detect_anomaly`` names the autograd node, not what the user can change, so this stays.
+
+    Raises:
+        FloatingPointError: If any value is NaN or infinite.
+    """
+    tensors = [values] if isinstance(values, torch.Tensor) else list(values)
+    if not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        msg = (
+            f"ADTR training diverged at step {step}: {what} is NaN or infinite. Lower `lr`, use "
+            "`loss_reduction='mean'`, or set `bf16=False`; check the images for NaN/inf values."
+        )
+        raise FloatingPointError(msg)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 matrix products in hardware.
+
+    CPUs without AVX-512 BF16 or AMX (e.g. AVX2-only ones) emulate them, about 30x slower than float32.
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check is not None and check())
