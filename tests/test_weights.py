@@ -102,3 +102,28 @@ def test_no_weight_source_names_the_options_and_fails_fast() -> None:
     assert "tf_efficientnet_lite0" in message
     assert "internet" in message
     assert time.perf_counter() - start < 30
+
+
+def test_tagged_timm_names_are_accepted_as_backbones() -> None:
+    # timm.is_model accepts a pretrained tag; timm.list_models() lists untagged names only.
+    model = ADTRModel("resnet18.a1_in1k", ["layer2", "layer3"], pre_trained=False, input_size=(64, 64), **TINY)
+    assert model.extract_features(torch.zeros(1, 3, 64, 64)).shape[1] == 128 + 256
+    with pytest.raises(ValueError, match=r"Unknown backbone 'resnet18\.no_such_tag'"):
+        ADTRModel("resnet18.no_such_tag", ["layer2"], pre_trained=False, input_size=(64, 64), **TINY)
+
+
+@pytest.mark.parametrize("form", ["wrapped", "safetensors"])
+def test_weights_file_in_a_checkpoint_wrapper_or_safetensors_is_read(tmp_path: Path, form: str) -> None:
+    source = timm.create_model("resnet18", pretrained=False, features_only=True)
+    with torch.no_grad():
+        source.conv1.weight.fill_(0.5)
+    if form == "wrapped":
+        path = tmp_path / "checkpoint.pth"
+        torch.save({"state_dict": source.state_dict(), "epoch": 3}, path)
+    else:
+        from safetensors.torch import save_file
+
+        path = tmp_path / "weights.safetensors"
+        save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    model = ADTRModel("resnet18", ["layer2", "layer3"], weights=path, input_size=(64, 64), **TINY)
+    assert torch.all(model.feature_extractor.feature_extractor.conv1.weight == 0.5)

@@ -49,8 +49,10 @@ _DS_BLOCK_RENAMES = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv
 
 
 def check_backbone(backbone: str) -> None:
-    """Fail early, naming the parameter, when ``backbone`` is not a timm model."""
-    if not isinstance(backbone, str) or backbone not in timm.list_models():
+    """Fail early, naming the parameter, when ``backbone`` is not a timm model (tagged names such as
+    ``resnet18.a1_in1k`` included)."""
+    known = isinstance(backbone, str) and timm.is_model(backbone)  # is_model checks the architecture, not a tag
+    if not known or ("." in backbone and backbone not in timm.list_pretrained(backbone)):
         msg = (
             f"Unknown backbone {backbone!r}: it is not a timm model name. "
             "Use a CNN from `timm.list_models()`, e.g. 'efficientnet_b4' or 'tf_efficientnet_lite0'."
@@ -109,26 +111,19 @@ def _is_ds_block(state_dict: dict[str, torch.Tensor], index: int) -> bool:
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Load tensors from a file without executing code from it (``weights_only``/safetensors)."""
+    """Load tensors from a file with timm's reader, which executes no code from it (``weights_only``/safetensors)
+    and unwraps ``state_dict``/``model`` entries; its errors are turned into ones that name the file."""
     if not path.is_file():
         msg = f"Backbone weights file not found: '{path}'. Check the `weights` parameter."
         raise FileNotFoundError(msg)
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = timm.models.load_state_dict(str(path), use_ema=False)
     except Exception as error:
         msg = (
             f"Could not read backbone weights from '{path}': {error}. The file must be a plain state dict "
             "(torch.save of tensors, or .safetensors); pickled model objects are refused for safety."
         )
         raise ValueError(msg) from error
-    for wrapper in ("state_dict", "model"):  # common checkpoint wrappers
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         msg = f"Backbone weights file '{path}' does not hold a state dict of tensors."
         raise ValueError(msg)
