@@ -6,16 +6,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 from PIL import Image
 from scipy import ndimage
 
-from adtr_anomalib.data import textures
 from adtr_anomalib.data.textures import (
     DEFECT_TYPES,
     TEXTURE_CATEGORIES,
     default_dataset_root,
     make_texture_dataset,
 )
+from adtr_anomalib.data.textures import dataset as texture_dataset
+from adtr_anomalib.data.textures.dataset import _stems
+from adtr_anomalib.data.textures.defects import paint_defect
+from adtr_anomalib.data.textures.sampling import _CROP_MAX, BoolMask, bands, normal_sample, source_photo, to_uint8
 
 # Small datasets keep the whole module fast; the counts are chosen to exercise every folder.
 SMALL = {"image_size": 64, "n_train": 5, "n_test_good": 3, "n_test_defect_per_type": 2}
@@ -101,26 +105,26 @@ def test_stems_have_equal_length_and_masks_pair_with_images(small_dataset: Path)
 
 
 def test_stem_width_grows_with_count() -> None:
-    stems = textures._stems(1500)
+    stems = _stems(1500)
     assert stems[0] == "0000"
     assert stems[-1] == "1499"
     assert {len(s) for s in stems} == {4}
-    assert textures._stems(3) == ["000", "001", "002"]
+    assert _stems(3) == ["000", "001", "002"]
 
 
 def test_train_and_test_bands_do_not_overlap() -> None:
-    photo = textures._source_photo("brick")
-    (train_start, train_stop), (test_start, test_stop) = textures._bands(photo.shape[0])
+    photo = source_photo("brick")
+    (train_start, train_stop), (test_start, test_stop) = bands(photo.shape[0])
     assert 0 == train_start < train_stop <= test_start < test_stop == photo.shape[0]
-    assert test_stop - test_start >= textures._CROP_MAX
-    assert train_stop - train_start >= textures._CROP_MAX
+    assert test_stop - test_start >= _CROP_MAX
+    assert train_stop - train_start >= _CROP_MAX
 
 
 @pytest.mark.parametrize("defect", DEFECT_TYPES)
 @pytest.mark.parametrize("category", TEXTURE_CATEGORIES)
 def test_mask_marks_exactly_the_changed_pixels(category: str, defect: str) -> None:
     for seed in range(3):
-        clean, defective, mask = textures._make_defect_example(category, defect, image_size=128, seed=seed)
+        clean, defective, mask = _defect_example(category, defect, image_size=128, seed=seed)
         assert clean.shape == defective.shape == (128, 128, 3)
         assert mask.shape == (128, 128)
         assert mask.dtype == bool
@@ -134,7 +138,7 @@ def test_mask_marks_exactly_the_changed_pixels(category: str, defect: str) -> No
 
 
 def test_foreign_patch_comes_from_another_texture() -> None:
-    clean, defective, mask = textures._make_defect_example("gravel", "foreign", image_size=128, seed=0)
+    clean, defective, mask = _defect_example("gravel", "foreign", image_size=128, seed=0)
     # Replaced pixels no longer follow the crop underneath: their correlation with it is weak.
     corr = np.corrcoef(clean[mask].ravel().astype(float), defective[mask].ravel().astype(float))[0, 1]
     assert corr < 0.5
@@ -232,7 +236,7 @@ def test_interrupted_run_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monk
     def explode(*_args: object, **_kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(textures, "_paint_defect", explode)
+    monkeypatch.setattr(texture_dataset, "paint_defect", explode)
     with pytest.raises(KeyboardInterrupt):
         make_texture_dataset(tmp_path, "brick", **SMALL)
     assert list(tmp_path.iterdir()) == []
@@ -311,3 +315,23 @@ def test_anomalib_mvtec_reader_accepts_the_layout(small_dataset: Path) -> None:
     assert tuple(item.image.shape) == (3, SMALL["image_size"], SMALL["image_size"])
     assert bool(item.gt_label)
     assert int(item.gt_mask.sum()) > 0
+
+
+def _defect_example(
+    category: str, defect: str, *, image_size: int = 128, seed: int = 0
+) -> tuple[NDArray[np.uint8], NDArray[np.uint8], BoolMask]:
+    """Return ``(clean, defective, mask)`` for one test sample, so tests can check the mask marks the change.
+
+    Uses the same code path as ``make_texture_dataset`` but keeps the clean image, which is never written.
+    """
+    if category not in TEXTURE_CATEGORIES:
+        msg = f"category must be one of {TEXTURE_CATEGORIES}; got {category!r}"
+        raise ValueError(msg)
+    if defect not in DEFECT_TYPES:
+        msg = f"defect must be one of {DEFECT_TYPES}; got {defect!r}"
+        raise ValueError(msg)
+    rng = np.random.default_rng(seed)
+    _, test_rows = bands(source_photo(category).shape[0])
+    clean = normal_sample(category, test_rows, image_size, rng)
+    defective, mask = paint_defect(clean, defect, category, rng)
+    return to_uint8(clean), to_uint8(defective), mask
