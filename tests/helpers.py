@@ -20,10 +20,8 @@ def small_adtr(image_size: int = 128, model_class: type = ADTR, **kwargs: object
     """Lite0 ADTR (or ADTR+, via ``model_class``) with a small transformer, for fast tests."""
     options = {
         "backbone": "tf_efficientnet_lite0",
-        "hidden_dim": 64,
-        "num_encoder_layers": 1,
-        "num_decoder_layers": 1,
-        "num_heads": 4,
+        **TINY,
+        "hidden_dim": 64,  # the tiny transformer at twice the width: enough to learn the textures' normal features
         "ffn_dim": 128,
         "lr": 1e-3,
         "lr_schedule": "cosine",

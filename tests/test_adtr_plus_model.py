@@ -18,27 +18,17 @@ from adtr_anomalib import ADTR, ADTRModel, ADTRPlus
 from adtr_anomalib.data import ConfettiNoise, FolderWithAnomalies, WithAnomalies, make_texture_dataset
 from adtr_anomalib.models.adtr_plus.loss import masks_to_token_labels, pseudo_huber_error
 from adtr_anomalib.models.base import ADTRLightningMixin
+from tests.conftest import TINY
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SIZE = 64
 BACKBONE = "tf_efficientnet_lite0"
-TINY = {
-    "backbone": BACKBONE,
-    "layers": ["blocks.2"],
-    "pre_trained": False,
-    "hidden_dim": 32,
-    "num_encoder_layers": 1,
-    "num_decoder_layers": 1,
-    "num_heads": 4,
-    "ffn_dim": 64,
-    "dropout": 0.0,
-    "bf16": False,
-}
+TINY_PLUS = {"backbone": BACKBONE, "layers": ["blocks.2"], "pre_trained": False, **TINY, "dropout": 0.0, "bf16": False}
 
 
 def _tiny(cls: type, **kwargs) -> AnomalibModule:
-    return cls(**{**TINY, **kwargs}, pre_processor=cls.configure_pre_processor((SIZE, SIZE), BACKBONE))
+    return cls(**{**TINY_PLUS, **kwargs}, pre_processor=cls.configure_pre_processor((SIZE, SIZE), BACKBONE))
 
 
 def _engine(root: Path) -> Engine:
@@ -68,7 +58,7 @@ def _mvtec(root: Path) -> MVTecAD:
 
 
 def test_registered_like_adtr() -> None:
-    assert isinstance(get_model("adtr_plus", **TINY), ADTRPlus)
+    assert isinstance(get_model("adtr_plus", **TINY_PLUS), ADTRPlus)
     assert "ADTRPlus" in list_models("pascal")
     assert anomalib.models.ADTRPlus is ADTRPlus
     assert "ADTRPlus" in anomalib.models.__all__
@@ -176,7 +166,7 @@ def test_adtr_checkpoint_errors_name_the_file(tmp_path: Path) -> None:
     raw = tmp_path / "raw.pt"
     torch.save(_tiny(ADTR).model.state_dict(), raw)
     bigger = ADTRPlus.configure_pre_processor((96, 96), BACKBONE)
-    plus = ADTRPlus(**TINY, adtr_checkpoint=str(raw), pre_processor=bigger)
+    plus = ADTRPlus(**TINY_PLUS, adtr_checkpoint=str(raw), pre_processor=bigger)
     with pytest.raises(
         ValueError, match=r"raw\.pt' does not fit .*pos_embed: \(1, 16, 32\) in the file, \(1, 36, 32\)"
     ):
