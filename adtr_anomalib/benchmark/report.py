@@ -5,12 +5,12 @@ No file is ever replaced: when ``results.csv`` exists, ``results_1.csv`` is writ
 
 from __future__ import annotations
 
-import csv
 import math
-import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 from adtr_anomalib.benchmark.models import METRICS
 
@@ -50,19 +50,15 @@ def format_value(column: str, value: Any) -> str:
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """Rows as a Markdown table (columns from the first row), numbers formatted by :func:`format_value`."""
-    columns = list(rows[0])
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(format_value(c, row[c]) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
+    frame = pd.DataFrame(list(rows), columns=list(rows[0]))
+    text = frame.apply(lambda column: column.map(lambda value: format_value(str(column.name), value)))
+    return text.to_markdown(index=False, tablefmt="github", disable_numparse=True)
 
 
 def write_csv(rows: Sequence[dict[str, Any]], folder: Path, name: str = "results.csv") -> Path:
     """Write ``rows`` to ``folder/name`` (or ``name_<n>`` if that exists: earlier results are kept)."""
     path = unused_path(folder, name)
-    with path.open("x", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    pd.DataFrame(list(rows), columns=list(rows[0])).to_csv(path, index=False, mode="x")
     return path
 
 
@@ -72,23 +68,22 @@ def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     A dataset/model whose every seed failed still gets a row (values NaN, ``failed_seeds`` set): a failure is
     never a missing row.
     """
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault((row["dataset"], row["model"]), []).append(row)
+    frame = pd.DataFrame(list(rows))
+    frame[list(NUMERIC)] = frame[list(NUMERIC)].apply(pd.to_numeric, errors="coerce")
     summaries = []
-    for (dataset, model), group in groups.items():
-        ok = [row for row in group if row["status"] == "ok"]
+    for (dataset, model), group in frame.groupby(["dataset", "model"], sort=False):
+        ok = group[group["status"] == "ok"]
+        numbers = ok[list(NUMERIC)]
         summary: dict[str, Any] = {
             "dataset": dataset,
             "model": model,
-            "seeds": ", ".join(str(row["seed"]) for row in ok) or "none",
-            "failed_seeds": ", ".join(str(row["seed"]) for row in group if row["status"] != "ok"),
-            "epochs": ok[0]["epochs"] if ok else group[0]["epochs"],
+            "seeds": ", ".join(str(seed) for seed in ok["seed"]) or "none",
+            "failed_seeds": ", ".join(str(seed) for seed in group.loc[group["status"] != "ok", "seed"]),
+            "epochs": (ok if len(ok) else group)["epochs"].iloc[0],
         }
         for column in NUMERIC:
-            values = [float(row[column]) for row in ok]
-            summary[column] = statistics.fmean(values) if values else math.nan
-            summary[f"{column}_std"] = statistics.stdev(values) if len(values) > 1 else math.nan
+            summary[column] = float(numbers[column].mean()) if len(ok) else math.nan
+            summary[f"{column}_std"] = float(numbers[column].std(ddof=1)) if len(ok) > 1 else math.nan
         summaries.append(summary)
     return summaries
 
