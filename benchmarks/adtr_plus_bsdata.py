@@ -36,7 +36,6 @@ import argparse
 import copy
 import math
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -55,6 +54,7 @@ from adtr_anomalib.benchmark import (
     markdown_table,
     write_csv,
 )
+from adtr_anomalib.benchmark.measure import timed
 from adtr_anomalib.data import ConfettiNoise, WithAnomalies, subsample_splits
 from adtr_anomalib.metrics import inspection_evaluator
 
@@ -256,13 +256,11 @@ class Runner:
             devices=1,
             **limits,
         )
-        began = time.perf_counter()
-        engine.fit(model=model, datamodule=datamodule)
-        fit_seconds = time.perf_counter() - began
+        _, fit_seconds = timed(lambda: engine.fit(model=model, datamodule=datamodule))
         self._last_checkpoint = engine.trainer.checkpoint_callback.best_model_path
         self._check_same_test_set(datamodule)
-        began = time.perf_counter()
-        metrics = engine.test(model=model, datamodule=datamodule, verbose=False)[0]
+        results, test_seconds = timed(lambda: engine.test(model=model, datamodule=datamodule, verbose=False))
+        metrics = results[0]
         row = {
             "model": label,
             "start": start,
@@ -270,7 +268,7 @@ class Runner:
             "epochs": epochs,
             **{key: float(metrics.get(key, math.nan)) for key in METRICS},
             "fit_s": round(fit_seconds, 1),
-            "test_s": round(time.perf_counter() - began, 1),
+            "test_s": round(test_seconds, 1),
         }
         print(markdown_table([row]), flush=True)
         return row

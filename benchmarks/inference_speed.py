@@ -2,7 +2,8 @@
 the same Lite0 backbone and exported the same way, measured in one process so that the ratios hold on a noisy
 machine.
 
-For every model and runtime it prints latency at batch 1, throughput at batch 16 (256x256 inputs), peak RSS
+For every model and runtime it prints latency at batch 1 (median), throughput at batch 16 (256x256 inputs; fastest
+of the timed batches, as `adtr-anomalib benchmark` measures it), peak RSS (the kernel's high-water mark)
 while that runtime was loaded and running, the exported file size, the GFLOPs per image (counted by torch's
 ``FlopCounterMode`` on the eager model) and the achieved GFLOP/s against this CPU's measured matmul peak at
 the precision the runtime computes in, plus parity with the torch model on real images (max |Δ| of the
@@ -25,17 +26,14 @@ import argparse
 import math
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import openvino
-import psutil
 import torch
 from anomalib.data.utils import read_image
 from anomalib.deploy import CompressionType
@@ -46,6 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from adtr_anomalib import ADTR
 from adtr_anomalib.benchmark import build_model, limit_heap_fragmentation, markdown_table, write_csv
+from adtr_anomalib.benchmark.measure import fastest_seconds, peak_memory, timed
 from adtr_anomalib.data import default_dataset_root, make_texture_dataset, mvtec_layout_folder
 from adtr_anomalib.deploy import PARITY_TOLERANCES, openvino_config
 
@@ -231,42 +230,18 @@ def _ov_runner(xml: Path, precision: str, threads: int) -> Callable[[np.ndarray]
     return run
 
 
-@contextmanager
-def peak_rss() -> Iterator[dict[str, float]]:
-    """Peak resident memory (MiB) of this process while the block runs, sampled every 5 ms."""
-    process, stats, done = psutil.Process(), {"peak": 0.0, "before": 0.0}, threading.Event()
-    stats["before"] = stats["peak"] = process.memory_info().rss / 2**20
-
-    def sample() -> None:
-        while not done.wait(0.005):
-            stats["peak"] = max(stats["peak"], process.memory_info().rss / 2**20)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        yield stats
-    finally:
-        done.set()
-        thread.join()
-
-
 def measure(runtime: Runtime, images: np.ndarray, expected: dict[str, np.ndarray], args: argparse.Namespace) -> dict:
     """Latency (batch 1), throughput (batch 16), peak RSS, file size and parity of one runtime."""
     batch16 = np.ascontiguousarray(np.concatenate([images, images])[:16])
-    with peak_rss() as memory:
+    with peak_memory() as memory:
         run = runtime.load()
         actual = run(images)
         run(images[:1])  # warm-up at both batch sizes (OpenVINO compiles shapes on first use)
-        run(batch16)
-        latencies = []
-        for index in range(args.latency_runs):
-            start = time.perf_counter()
-            run(images[index % len(images) : index % len(images) + 1])
-            latencies.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        for _ in range(args.throughput_runs):
-            run(batch16)
-        throughput = 16 * args.throughput_runs / (time.perf_counter() - start)
+        latencies = [
+            timed(lambda index=index: run(images[index % len(images) : index % len(images) + 1]))[1]
+            for index in range(args.latency_runs)
+        ]
+        throughput = 16 / fastest_seconds(lambda: run(batch16), min_calls=args.throughput_runs)
     score_error = float(np.abs(actual["pred_score"].astype(np.float32) - expected["pred_score"]).max())
     map_error = float(np.abs(actual["anomaly_map"].astype(np.float32) - expected["anomaly_map"]).max())
     tolerance = PARITY_TOLERANCES[runtime.tolerance_class]
@@ -280,8 +255,8 @@ def measure(runtime: Runtime, images: np.ndarray, expected: dict[str, np.ndarray
         "export_batch": getattr(run, "fixed_batch", None) or "dynamic",
         "latency_b1_ms": round(1000 * float(np.median(latencies)), 1),
         "throughput_b16": round(throughput, 2),
-        "peak_rss_MiB": round(memory["peak"]),
-        "rss_added_MiB": round(memory["peak"] - memory["before"]),
+        "peak_RSS_MB": round(memory.peak_mb),
+        "RSS_added_MB": round(memory.added_mb),
         "file_MiB": round(size / 2**20, 1),
         "max_score_diff": score_error,
         "max_map_diff": map_error,

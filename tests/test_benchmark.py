@@ -138,3 +138,30 @@ def test_benchmark_applies_the_allocator_setting_in_its_own_process(monkeypatch:
     assert replaced == []
     assert applied == [True]  # glibc accepted the threshold (this machine and CI run glibc)
     assert os.environ["MALLOC_MMAP_THRESHOLD_"] == "1048576"
+
+
+def test_peak_memory_sees_a_short_spike_inside_the_block_only() -> None:
+    import numpy as np
+
+    from adtr_anomalib.benchmark.measure import peak_memory
+
+    with peak_memory() as spike:
+        block = np.ones(200 * 2**20, dtype=np.uint8)  # 200 MB, touched, then freed before the block ends
+        del block
+    with peak_memory() as quiet:
+        pass
+    assert spike.added_mb > 150  # the kernel's high-water mark kept the freed spike
+    assert quiet.added_mb < 50  # and was reset for the next block
+
+
+def test_timing_helpers_return_the_result_and_the_fastest_call() -> None:
+    import time
+
+    from adtr_anomalib.benchmark.measure import fastest_seconds, timed
+
+    result, seconds = timed(lambda: time.sleep(0.02) or "done")
+    assert result == "done"
+    assert 0.015 < seconds < 1.0
+    delays = iter([0.2, 0.05, 0.01, 0.05, 0.05, 0.05])  # the first call is the warm-up and is not timed
+    fastest = fastest_seconds(lambda: time.sleep(next(delays)), min_calls=3, min_seconds=0.0)
+    assert 0.005 < fastest < 0.04

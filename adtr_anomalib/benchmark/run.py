@@ -7,7 +7,6 @@ the others still run, and the command then exits non-zero naming it.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import io
 import json
@@ -30,6 +29,7 @@ from jsonargparse import Namespace
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.trainer.states import TrainerFn
 
+from adtr_anomalib.benchmark.measure import fastest_seconds, peak_memory, timed
 from adtr_anomalib.benchmark.models import METRICS, build_model
 from adtr_anomalib.benchmark.plan import Job, plan, with_training_anomalies
 from adtr_anomalib.benchmark.report import (
@@ -228,14 +228,11 @@ def run_job(job: Job, settings: Namespace, start_checkpoint: str | None, callbac
         callbacks=[callback],
         **settings.trainer,
     )
-    _reset_peak_rss()
-    began = time.perf_counter()
-    engine.fit(model=model, datamodule=datamodule)
-    fit_seconds = time.perf_counter() - began
-    began = time.perf_counter()
-    metrics = engine.test(model=model, datamodule=datamodule, verbose=False)[0]
-    test_seconds = time.perf_counter() - began
-    throughput = measure_throughput(model, settings.image_size, settings.throughput_batch_size)
+    with peak_memory() as memory:
+        _, fit_seconds = timed(lambda: engine.fit(model=model, datamodule=datamodule))
+        results, test_seconds = timed(lambda: engine.test(model=model, datamodule=datamodule, verbose=False))
+        throughput = measure_throughput(model, settings.image_size, settings.throughput_batch_size)
+    metrics = results[0]
     weights = io.BytesIO()
     torch.save(model.state_dict(), weights)
     return {
@@ -244,7 +241,7 @@ def run_job(job: Job, settings: Namespace, start_checkpoint: str | None, callbac
         "fit_s": fit_seconds,
         "test_s": test_seconds,
         "throughput_img_s": throughput,
-        "peak_RSS_MB": _peak_rss_mb(),
+        "peak_RSS_MB": memory.peak_mb,
         "params_M": sum(p.numel() for p in model.model.parameters()) / 1e6,
         "checkpoint_MB": weights.tell() / 1e6,
         "checkpoint": str(Path(engine.trainer.checkpoint_callback.best_model_path).resolve()),
@@ -252,47 +249,16 @@ def run_job(job: Job, settings: Namespace, start_checkpoint: str | None, callbac
 
 
 @torch.inference_mode()
-def measure_throughput(
-    model: AnomalibModule, image_size: int, batch_size: int = 16, min_batches: int = 3, min_seconds: float = 1.0
-) -> float:
+def measure_throughput(model: AnomalibModule, image_size: int, batch_size: int = 16) -> float:
     """Images per second of the whole inference path (pre-process, network, post-process) in eager mode.
 
-    Written here because anomalib's own timer callback times ``Engine.test`` (data loading and metrics included,
-    at the datamodule's batch size) and its benchmark pipeline has no throughput at all. Every model gets the
-    same fixed random batch after one warm-up call, on the current device with torch's current thread count;
-    the fastest of at least ``min_batches`` batches counts (as ``timeit`` does), which filters out most of the
-    time other processes take.
+    Every model gets the same fixed random batch, on the current device with torch's current thread count, timed
+    by :func:`~adtr_anomalib.benchmark.measure.fastest_seconds`.
     """
     model.eval()
     images = torch.rand(batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     images = images.to(model.device)
-    model(images)
-    times: list[float] = []
-    while len(times) < min_batches or sum(times) < min_seconds:
-        began = time.perf_counter()
-        model(images)
-        times.append(time.perf_counter() - began)
-    return batch_size / min(times)
-
-
-def _reset_peak_rss() -> None:
-    """Linux: reset the process's peak resident set size, so the next reading covers one job only."""
-    with contextlib.suppress(OSError):  # elsewhere the peak is the process's since it started
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def _peak_rss_mb() -> float:
-    """Peak resident memory in MB: since the last reset on Linux, else since the process started."""
-    try:
-        status = Path("/proc/self/status").read_text()
-        return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024  # type: ignore[union-attr]
-    except (OSError, AttributeError):
-        try:
-            import resource
-        except ImportError:  # Windows
-            return math.nan
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+    return batch_size / fastest_seconds(lambda: model(images))
 
 
 def machine() -> str:

@@ -1,0 +1,106 @@
+"""What a benchmark measures besides accuracy, defined once: wall time, throughput and peak resident memory.
+
+Written here because anomalib's timer callback times ``Engine.test`` as a whole (data loading and metrics included,
+at the datamodule's batch size) and its benchmark pipeline measures neither throughput nor memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def timed(call: Callable[[], T]) -> tuple[T, float]:
+    """Run ``call`` once.
+
+    Returns:
+        Its result and the wall-clock seconds it took.
+    """
+    began = time.perf_counter()
+    result = call()
+    return result, time.perf_counter() - began
+
+
+def fastest_seconds(call: Callable[[], Any], min_calls: int = 3, min_seconds: float = 1.0) -> float:
+    """Seconds of the fastest of repeated calls, after one warm-up call.
+
+    The fastest counts (as ``timeit`` does): it filters out most of the time other processes take. Calls repeat
+    until there were ``min_calls`` of them and they took ``min_seconds`` together.
+
+    Args:
+        call: One unit of work, e.g. one batch through a model.
+        min_calls: Fewest timed calls.
+        min_seconds: Least total time of the timed calls.
+
+    Returns:
+        The fastest call's seconds.
+    """
+    call()
+    times: list[float] = []
+    while len(times) < min_calls or sum(times) < min_seconds:
+        times.append(timed(call)[1])
+    return min(times)
+
+
+@dataclass
+class PeakMemory:
+    """Resident memory (MB) before a block and its peak while the block ran."""
+
+    before_mb: float = math.nan
+    peak_mb: float = math.nan
+
+    @property
+    def added_mb(self) -> float:
+        """How much the block raised the peak above the memory already in use before it."""
+        return self.peak_mb - self.before_mb
+
+
+@contextlib.contextmanager
+def peak_memory() -> Iterator[PeakMemory]:
+    """Measure the process's peak resident memory during the block.
+
+    On Linux the kernel's high-water mark (``VmHWM``) is reset when the block starts, so the peak covers the block
+    only and misses no short spike (a sampling thread would). Elsewhere it is the peak since the process started.
+    """
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+    memory = PeakMemory(before_mb=_resident_mb())
+    try:
+        yield memory
+    finally:
+        memory.peak_mb = _peak_mb()
+
+
+def _status_mb(field: str) -> float | None:
+    """A ``/proc/self/status`` memory field in MB (Linux), else ``None``."""
+    try:
+        match = re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text())
+    except OSError:
+        return None
+    return int(match.group(1)) / 1024 if match else None
+
+
+def _resident_mb() -> float:
+    value = _status_mb("VmRSS")
+    return math.nan if value is None else value
+
+
+def _peak_mb() -> float:
+    value = _status_mb("VmHWM")
+    if value is not None:
+        return value
+    try:
+        import resource
+    except ImportError:  # Windows
+        return math.nan
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
