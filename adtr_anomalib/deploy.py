@@ -26,6 +26,16 @@ def openvino_config(precision: Literal["f32", "bf16", "f16"] = "f32", threads: i
 
     Pass as ``OpenVINOInferencer(path, device="CPU", config=openvino_config("f32"))`` for results that match
     the torch model to ``PARITY_TOLERANCES["fp32"]``; ``"bf16"`` is OpenVINO's default on CPUs that support it.
+
+    Args:
+        precision: OpenVINO's inference precision hint.
+        threads: CPU threads for inference; ``None`` leaves OpenVINO's default.
+
+    Returns:
+        The ``config`` dictionary, values as strings.
+
+    Raises:
+        ValueError: If ``precision`` is not ``"f32"``, ``"bf16"`` or ``"f16"``.
     """
     if precision not in {"f32", "bf16", "f16"}:
         msg = f"precision must be 'f32', 'bf16' or 'f16', got {precision!r}."

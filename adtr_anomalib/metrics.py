@@ -10,6 +10,12 @@ def inspection_evaluator(pixel: bool = True) -> Evaluator:
 
     Scores reach these metrics after anomalib's post-processor has min-max normalised them; raw distances
     would be squashed by torchmetrics' sigmoid and give AUROC 0.5.
+
+    Args:
+        pixel: Add the pixel metrics; turn off for data without masks.
+
+    Returns:
+        An ``Evaluator`` with these as its test metrics.
     """
     metrics = [
         AUROC(fields=["pred_score", "gt_label"], prefix="image_"),

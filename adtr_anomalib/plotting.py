@@ -39,7 +39,18 @@ class Predictions:
 
     @classmethod
     def from_batches(cls, batches: Iterable[Any], image_paths: Sequence[str | Path] | None = None) -> Predictions:
-        """Concatenate the batches of ``Engine.predict`` or of an inferencer (which needs ``image_paths``)."""
+        """Concatenate the batches of ``Engine.predict`` or of an inferencer (which needs ``image_paths``).
+
+        Args:
+            batches: Prediction batches with ``pred_score`` and ``anomaly_map``, and ground truth where known.
+            image_paths: The images' paths in batch order; ``None`` takes them from the batches.
+
+        Returns:
+            The predictions; ``labels`` and ``masks`` are ``None`` unless every batch has them.
+
+        Raises:
+            ValueError: If the batches hold no anomaly maps.
+        """
         batches = list(batches)
 
         def gather(field: str) -> np.ndarray | None:
@@ -65,7 +76,14 @@ class Predictions:
         )
 
     def pick(self, per_folder: int = 1) -> list[int]:
-        """Indices of the first ``per_folder`` images of each image folder, ``good`` first: every defect type shown."""
+        """Indices of the first ``per_folder`` images of each image folder, ``good`` first: every defect type shown.
+
+        Args:
+            per_folder: Images to take from each folder.
+
+        Returns:
+            Indices into the predictions.
+        """
         folders = [Path(path).parent.name for path in self.image_paths]
         order = dict.fromkeys(["good", *sorted(set(folders))])
         return [i for name in order for i in [j for j, f in enumerate(folders) if f == name][:per_folder]]
@@ -76,7 +94,15 @@ def _numpy(value: Any) -> np.ndarray:
 
 
 def load_image(path: str | Path, size: tuple[int, int]) -> np.ndarray:
-    """The image file as RGB at the anomaly map's (height, width), for drawing the map over it."""
+    """The image file as RGB at the anomaly map's (height, width), for drawing the map over it.
+
+    Args:
+        path: Image file.
+        size: ``(height, width)`` of the anomaly map.
+
+    Returns:
+        A ``(height, width, 3)`` ``uint8`` array.
+    """
     with Image.open(path) as image:
         return np.asarray(image.convert("RGB").resize((size[1], size[0]), Image.Resampling.BILINEAR))
 
@@ -93,6 +119,16 @@ def plot_heatmaps(
     The map is drawn with a fixed 0-1 colour range, so colours compare across images and models; the white
     outline is the ground truth and the black one the predicted defect (map above ``threshold``). The title
     gives the image score and the decision.
+
+    Args:
+        predictions: The test set's predictions.
+        indices: Images to show; ``None`` takes :meth:`Predictions.pick`.
+        threshold: Decision threshold on the normalised scores and maps.
+        titles: Column titles; ``None`` uses each image's folder name.
+        axes: ``2 * len(indices)`` axes, top row first; ``None`` makes a new figure.
+
+    Returns:
+        The figure holding the axes.
     """
     indices = list(predictions.pick() if indices is None else indices)
     if axes is None:
@@ -126,7 +162,17 @@ def plot_score_histogram(
     ax: Axes | None = None,
     title: str = "Image scores",
 ) -> Axes:
-    """Histograms of the image scores of normal and of anomalous test images, with the decision threshold."""
+    """Histograms of the image scores of normal and of anomalous test images, with the decision threshold.
+
+    Args:
+        predictions: The test set's predictions; without labels, one histogram of all scores.
+        threshold: Decision threshold, drawn as a dashed line.
+        ax: Axes to draw on; ``None`` makes a new figure.
+        title: Axes title.
+
+    Returns:
+        The axes drawn on.
+    """
     if ax is None:
         _, ax = plt.subplots(figsize=(5, 3))
     bins = np.linspace(0.0, 1.0, 21)

@@ -44,7 +44,17 @@ SHARED_ARGUMENTS = (
 
 
 def model_key(name: str) -> str:
-    """``"ADTRPlus"``, ``"adtr_plus"`` or ``"ADTR+"`` -> ``"adtr_plus"``; unknown names are refused."""
+    """``"ADTRPlus"``, ``"adtr_plus"`` or ``"ADTR+"`` -> ``"adtr_plus"``; unknown names are refused.
+
+    Args:
+        name: Model name in any of these spellings, any case.
+
+    Returns:
+        The model's key in :data:`MODEL_CLASSES`.
+
+    Raises:
+        ValueError: If the name matches no model.
+    """
     wanted = name.lower().replace("+", "plus").replace("_", "")
     for key in MODEL_CLASSES:
         if key.replace("_", "") == wanted:
@@ -54,7 +64,15 @@ def model_key(name: str) -> str:
 
 
 def check_model_options(name: str, options: dict[str, Any]) -> None:
-    """Refuse options the model does not take, or that every model must share, before anything runs."""
+    """Refuse options the model does not take, or that every model must share, before anything runs.
+
+    Args:
+        name: Model name, as :func:`model_key` accepts it.
+        options: The model's ``init_args``.
+
+    Raises:
+        ValueError: If an option is set by the benchmark for every model or is not the model's argument.
+    """
     key = model_key(name)
     shared = sorted(set(options) & set(SHARED_ARGUMENTS))
     if shared:
@@ -83,6 +101,16 @@ def build_model(
     and no visualiser (writing heat maps would count as test time). PaDiM and PatchCore are built with
     ``pre_trained=False`` and then get the shared weights through :func:`load_backbone_weights`, so the offline
     Lite0 weights work for them too.
+
+    Args:
+        name: Model name, as :func:`model_key` accepts it.
+        backbone: timm backbone of every model.
+        image_size: Side of the square model input.
+        weights: Backbone weights file; ``None`` uses packaged offline weights or timm's hub.
+        **options: The model's own arguments; they override :data:`DEFAULT_OPTIONS`.
+
+    Returns:
+        The model. ADTR and ADTR+ load their backbone weights when training starts, the others here.
     """
     key = model_key(name)
     check_model_options(name, options)

@@ -49,7 +49,11 @@ DEFAULT_MODELS: list[str | dict[str, Any]] = [
 
 
 def parser() -> ArgumentParser:
-    """The ``adtr-anomalib benchmark`` options; each is also a key of the ``--config`` YAML file."""
+    """The ``adtr-anomalib benchmark`` options; each is also a key of the ``--config`` YAML file.
+
+    Returns:
+        The parser; it raises on bad options instead of exiting.
+    """
     parser = ArgumentParser(
         prog="adtr-anomalib benchmark",
         description="Run ADTR, ADTR+, PaDiM and PatchCore side by side on the same data, split, backbone weights "
@@ -113,7 +117,16 @@ class DataSpec:
     entry: str | dict[str, Any]
 
     def build(self, seed: int, batch_size: int, num_workers: int) -> AnomalibDataModule:
-        """A fresh datamodule; batch sizes, workers and split seed fill in what the entry leaves out."""
+        """A fresh datamodule; batch sizes, workers and split seed fill in what the entry leaves out.
+
+        Args:
+            seed: Seed of the datamodule's splits.
+            batch_size: Train and eval batch size, unless a datamodule entry sets them.
+            num_workers: Data-loader workers, unless a datamodule entry sets them.
+
+        Returns:
+            The datamodule, not set up yet (a built-in dataset is generated first if missing).
+        """
         loader = {"train_batch_size": batch_size, "eval_batch_size": batch_size, "num_workers": num_workers}
         if isinstance(self.entry, str):
             if self.entry.startswith(BUILTIN):
@@ -142,16 +155,40 @@ class Job:
 
     @property
     def key(self) -> str:
+        """The job's name, as :func:`job_key` makes it.
+
+        Returns:
+            ``"<model> on <dataset>, seed <seed>"`` with the model and dataset labels.
+        """
         return job_key(self.data.label, self.model.label, self.seed)
 
 
 def job_key(dataset: str, model: str, seed: int) -> str:
-    """How jobs are named in progress lines, errors and the results file."""
+    """How jobs are named in progress lines, errors and the results file.
+
+    Args:
+        dataset: Dataset label.
+        model: Model label.
+        seed: The job's seed.
+
+    Returns:
+        ``"<model> on <dataset>, seed <seed>"``.
+    """
     return f"{model} on {dataset}, seed {seed}"
 
 
 def plan(settings: Namespace) -> list[Job]:
-    """Every (dataset, seed, model) job in run order; raises ``ValueError`` naming the bad entry."""
+    """Every (dataset, seed, model) job in run order; raises ``ValueError`` naming the bad entry.
+
+    Args:
+        settings: Options parsed by :func:`parser`.
+
+    Returns:
+        The jobs; an ADTR+ job with ``start_from`` comes after the ADTR job it starts from.
+
+    Raises:
+        ValueError: If an entry of ``models``, ``data``, ``seeds`` or ``trainer`` is unusable.
+    """
     if not settings.models or not settings.data or not settings.seeds:
         msg = "models, data and seeds must each list at least one entry."
         raise ValueError(msg)
@@ -268,7 +305,15 @@ def _train_anomalies_parser() -> ArgumentParser:
 
 
 def with_training_anomalies(datamodule: AnomalibDataModule, train_anomalies: dict[str, Any]) -> WithAnomalies:
-    """``datamodule`` wrapped in :class:`WithAnomalies` with the config's arguments (e.g. confetti noise)."""
+    """``datamodule`` wrapped in :class:`WithAnomalies` with the config's arguments (e.g. confetti noise).
+
+    Args:
+        datamodule: The job's datamodule.
+        train_anomalies: The model's ``train_anomalies`` entry: :class:`WithAnomalies` arguments.
+
+    Returns:
+        The wrapping datamodule.
+    """
     parser = _train_anomalies_parser()
     options = parser.instantiate_classes(parser.parse_object(train_anomalies))
     return WithAnomalies(datamodule, **dict(options.items()))

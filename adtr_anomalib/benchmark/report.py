@@ -20,7 +20,15 @@ ROW_COLUMNS = ("dataset", "model", "seed", "status", "epochs", *NUMERIC, "error"
 
 
 def unused_path(folder: Path, name: str) -> Path:
-    """``folder/name``, or ``name_1``, ``name_2``, ... before the suffix: an earlier file is never replaced."""
+    """``folder/name``, or ``name_1``, ``name_2``, ... before the suffix: an earlier file is never replaced.
+
+    Args:
+        folder: Destination folder; created if missing.
+        name: File name wanted.
+
+    Returns:
+        A path in ``folder`` that does not exist yet.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     stem, suffix = Path(name).stem, Path(name).suffix
     path, n = folder / name, 1
@@ -30,7 +38,15 @@ def unused_path(folder: Path, name: str) -> Path:
 
 
 def format_value(column: str, value: Any) -> str:
-    """Metrics with three decimals, seconds and MB with none, images/s with one, millions with two."""
+    """Metrics with three decimals, seconds and MB with none, images/s with one, millions with two.
+
+    Args:
+        column: Column name; its suffix picks the decimals.
+        value: Cell value; strings and integers are kept as they are, ``None`` and NaN become ``n/a``.
+
+    Returns:
+        The cell text.
+    """
     if isinstance(value, str):
         return value
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -49,14 +65,30 @@ def format_value(column: str, value: Any) -> str:
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    """Rows as a Markdown table (columns from the first row), numbers formatted by :func:`format_value`."""
+    """Rows as a Markdown table (columns from the first row), numbers formatted by :func:`format_value`.
+
+    Args:
+        rows: Table rows, at least one.
+
+    Returns:
+        The table in GitHub-flavoured Markdown.
+    """
     frame = pd.DataFrame(list(rows), columns=list(rows[0]))
     text = frame.apply(lambda column: column.map(lambda value: format_value(str(column.name), value)))
     return text.to_markdown(index=False, tablefmt="github", disable_numparse=True)
 
 
 def write_csv(rows: Sequence[dict[str, Any]], folder: Path, name: str = "results.csv") -> Path:
-    """Write ``rows`` to ``folder/name`` (or ``name_<n>`` if that exists: earlier results are kept)."""
+    """Write ``rows`` to ``folder/name`` (or ``name_<n>`` if that exists: earlier results are kept).
+
+    Args:
+        rows: Result rows, at least one; the first row's keys are the columns.
+        folder: Results folder; created if missing.
+        name: File name wanted.
+
+    Returns:
+        The path written.
+    """
     path = unused_path(folder, name)
     pd.DataFrame(list(rows), columns=list(rows[0])).to_csv(path, index=False, mode="x")
     return path
@@ -67,6 +99,12 @@ def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
     A dataset/model whose every seed failed still gets a row (values NaN, ``failed_seeds`` set): a failure is
     never a missing row.
+
+    Args:
+        rows: One result row per job (``dataset``, ``model``, ``seed``, ``status``, ``epochs``, metrics and costs).
+
+    Returns:
+        One summary per dataset and model, in first-seen order, with ``<column>_std`` beside each number.
     """
     frame = pd.DataFrame(list(rows))
     frame[list(NUMERIC)] = frame[list(NUMERIC)].apply(pd.to_numeric, errors="coerce")
@@ -89,7 +127,14 @@ def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def summary_table(summaries: Sequence[dict[str, Any]]) -> str:
-    """The summaries as Markdown: ``mean ± std`` where there are several seeds."""
+    """The summaries as Markdown: ``mean ± std`` where there are several seeds.
+
+    Args:
+        summaries: Rows from :func:`summarise`.
+
+    Returns:
+        The Markdown table.
+    """
     rows = []
     for summary in summaries:
         seeds = summary["seeds"] + (f" (failed: {summary['failed_seeds']})" if summary["failed_seeds"] else "")
@@ -110,7 +155,17 @@ def summary_table(summaries: Sequence[dict[str, Any]]) -> str:
 def plot_accuracy_vs_throughput(
     summaries: Sequence[dict[str, Any]], path: Path, title: str, batch_size: int = 16
 ) -> Path:
-    """Pixel AUPRO (image AUROC where no dataset has masks) against throughput at ``batch_size``, one point per row."""
+    """Pixel AUPRO (image AUROC where no dataset has masks) against throughput at ``batch_size``, one point per row.
+
+    Args:
+        summaries: Rows from :func:`summarise`; rows without the metric or a throughput are left out.
+        path: Image file to write.
+        title: What was benchmarked, for the plot title.
+        batch_size: Batch size of the throughput measurement, for the axis label.
+
+    Returns:
+        ``path``.
+    """
     from matplotlib.figure import Figure  # no pyplot: renders with Agg, whatever the display
     from matplotlib.lines import Line2D
 

@@ -47,6 +47,16 @@ def add_training_anomalies(dataset: AnomalibDataset, anomalies: pd.DataFrame) ->
 
     The task becomes segmentation when every anomalous training image has a mask, classification otherwise
     (a batch cannot mix images with and without masks).
+
+    Args:
+        dataset: The training dataset; left unchanged.
+        anomalies: Anomalous sample rows in the layout of ``dataset.samples``.
+
+    Returns:
+        The extended copy, or ``dataset`` itself when ``anomalies`` is empty.
+
+    Raises:
+        ValueError: If a row of ``anomalies`` is not labelled anomalous.
     """
     if anomalies.empty:
         return dataset
@@ -221,7 +231,14 @@ class FolderWithAnomalies(Folder):
         self.train_mask_dir = train_mask_dir
 
     def training_anomalies(self) -> pd.DataFrame:
-        """Samples of the anomalous training images (read with anomalib's own folder parser)."""
+        """Samples of the anomalous training images (read with anomalib's own folder parser).
+
+        Returns:
+            One row per anomalous training image; empty when ``train_abnormal_dir`` is not set.
+
+        Raises:
+            ValueError: If ``train_abnormal_dir`` holds no images.
+        """
         if self.train_abnormal_dir is None:
             return pd.DataFrame()
         # make_folder_dataset pairs images with masks and checks the names; it needs a normal_dir, whose
@@ -334,12 +351,20 @@ class WithAnomalies(AnomalibDataModule):
 
     @property
     def name(self) -> str:
-        """Name of the wrapped datamodule (used for result folders)."""
+        """Name of the wrapped datamodule (used for result folders).
+
+        Returns:
+            The wrapped datamodule's ``name``.
+        """
         return self.datamodule.name
 
     @property
     def category(self) -> str:
-        """Category of the wrapped datamodule."""
+        """Category of the wrapped datamodule.
+
+        Returns:
+            The wrapped datamodule's ``category``.
+        """
         return self.datamodule.category
 
     @category.setter

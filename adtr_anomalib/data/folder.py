@@ -35,6 +35,14 @@ def mvtec_layout_folder(root: str | Path, name: str | None = None, **kwargs: Any
     on held-back training images with synthetic anomalies instead, so thresholds never see the test images.
     Pass any other ``Folder`` argument through ``kwargs``.
 
+    Args:
+        root: Dataset folder with ``train``, ``test`` and optionally ``ground_truth``.
+        name: Name of the datamodule; ``None`` uses the folder's name.
+        **kwargs: Further ``Folder`` arguments; they override the defaults here (``val_split_mode``, ``num_workers=0``).
+
+    Returns:
+        The ``Folder`` datamodule, its folders already checked (not set up).
+
     Raises:
         FileNotFoundError: ``root`` or ``root/train/good`` is missing or holds no images.
         DataError: Masks do not pair with the defect images (see :func:`check_folder_layout`).

@@ -28,6 +28,12 @@ def subsample_splits(
     validation split is the test split (``val_split_mode="same_as_test"``) it follows the test subset, so the
     post-processor's normalisation still spans every test score.
 
+    Args:
+        datamodule: A datamodule after ``setup()``; changed in place.
+        max_train_images: Most training images to keep; ``None`` keeps them all.
+        max_test_images_per_label: Most normal and most anomalous test images to keep; ``None`` keeps them all.
+        seed: Seed of the draw.
+
     Raises:
         RuntimeError: ``datamodule.setup()`` was not called.
         ValueError: A limit is not a positive integer (the message names it).

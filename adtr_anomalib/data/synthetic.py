@@ -86,7 +86,17 @@ class ConfettiNoise(v2.Transform):
         return image, mask
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        """``(C, H, W) -> (image, mask (1, H, W))`` or ``(B, C, H, W) -> (images, masks (B, 1, H, W))``."""
+        """``(C, H, W) -> (image, mask (1, H, W))`` or ``(B, C, H, W) -> (images, masks (B, 1, H, W))``.
+
+        Args:
+            image: One image or a batch, values in ``[0, 1]``.
+
+        Returns:
+            The image(s) with confetti, and boolean masks of the pasted area.
+
+        Raises:
+            ValueError: If ``image`` has neither 3 nor 4 dimensions.
+        """
         if image.ndim == 3:
             return self._paste(image)
         if image.ndim == 4:
@@ -137,7 +147,11 @@ class AnomalyInjectionDataset(AnomalibDataset):
 
     @property
     def name(self) -> str:
-        """Name of the wrapped dataset."""
+        """Name of the wrapped dataset.
+
+        Returns:
+            The wrapped dataset's ``name``.
+        """
         return self._source_name
 
     def __getitem__(self, index: int) -> ImageItem:

@@ -61,7 +61,15 @@ class DataError(ValueError):
 
 
 def list_images(folder: str | Path, extensions: Sequence[str] | None = None) -> list[Path]:
-    """Image files below ``folder`` as anomalib's folder datasets list them: recursive, by extension, sorted."""
+    """Image files below ``folder`` as anomalib's folder datasets list them: recursive, by extension, sorted.
+
+    Args:
+        folder: Folder to search; a missing folder gives an empty list.
+        extensions: Suffixes to accept, in any case; ``None`` uses torchvision's image extensions.
+
+    Returns:
+        The image paths, sorted.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         return []
@@ -84,6 +92,10 @@ def check_mask_pairing(images: Sequence[Path], masks: Sequence[Path]) -> None:
 
     anomalib sorts both lists and pairs them in order, requiring each image's stem to occur in its mask's stem
     (``000.png`` with ``000.png`` or ``000_mask.png``). Anything else fails there without naming a file.
+
+    Args:
+        images: The anomalous images.
+        masks: The mask files to pair with them.
 
     Raises:
         DataError: Naming the images without a mask, the masks without an image, or the first pair that
@@ -125,6 +137,9 @@ def check_folder_layout(datamodule: Any) -> None:
 
     Also looks inside wrappers with a ``datamodule`` attribute (:class:`~adtr_anomalib.data.WithAnomalies`) and
     at the training anomalies of :class:`~adtr_anomalib.data.FolderWithAnomalies`.
+
+    Args:
+        datamodule: Any datamodule; only a ``Folder``, wrapped or not, is checked.
 
     Raises:
         DataError: The training folder holds no images, or masks do not pair with anomalous images.
@@ -227,6 +242,9 @@ def _check(path: Path, role: tuple, inspect: Callable[..., Result], *args: objec
 def check_dataset_files(datasets: Iterable[Any]) -> None:
     """Check every image of anomalib datasets (their ``samples``), and the masks of segmentation datasets.
 
+    Args:
+        datasets: Datasets to check; any without a ``samples`` table of image paths is skipped.
+
     Raises:
         DataError: Listing every unusable file (up to ``MAX_LISTED``) with what to do about it.
     """
@@ -262,6 +280,10 @@ def check_dataset_files(datasets: Iterable[Any]) -> None:
 
 
 def check_datamodule_files(datamodule: Any) -> None:
-    """:func:`check_dataset_files` on the train, validation and test data of a set-up datamodule."""
+    """:func:`check_dataset_files` on the train, validation and test data of a set-up datamodule.
+
+    Args:
+        datamodule: A datamodule after ``setup()``; splits it lacks are skipped.
+    """
     datasets = [getattr(datamodule, name, None) for name in ("train_data", "val_data", "test_data")]
     check_dataset_files(dataset for dataset in datasets if dataset is not None)

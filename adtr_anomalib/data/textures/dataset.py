@@ -24,6 +24,9 @@ def default_dataset_root() -> Path:
     """Return the default dataset root: ``$ADTR_ANOMALIB_DATA`` if set, else ``~/.cache/adtr_anomalib/textures``.
 
     The environment variable lets CI and users on shared machines redirect the data without code changes.
+
+    Returns:
+        The root folder; it is not created here.
     """
     env = os.environ.get(_DATA_ENV_VAR)
     if env:

@@ -23,7 +23,20 @@ _NEGLIGIBLE_CHANGE = 0.25 / 255.0
 def paint_defect(
     clean: FloatImage, defect: str, category: str, rng: np.random.Generator
 ) -> tuple[FloatImage, BoolMask]:
-    """Paint one defect of type ``defect`` on ``clean``; redraw until its size and visibility are in range."""
+    """Paint one defect of type ``defect`` on ``clean``; redraw until its size and visibility are in range.
+
+    Args:
+        clean: Defect-free square RGB float image in ``[0, 1]``.
+        defect: One of :data:`DEFECT_TYPES`.
+        category: Texture of ``clean``; foreign material is cut from another one.
+        rng: Random generator; the same state gives the same defect.
+
+    Returns:
+        The defective image, in ``clean``'s dtype, and its boolean mask.
+
+    Raises:
+        RuntimeError: If no defect in range was drawn in ``_MAX_ATTEMPTS`` tries.
+    """
     painter = _PAINTERS[defect]
     for _ in range(_MAX_ATTEMPTS):
         out, mask = painter(clean, category, rng)

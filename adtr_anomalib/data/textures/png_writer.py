@@ -28,7 +28,12 @@ class PngWriter:
         self._pending: deque[Future[None]] = deque()
 
     def write(self, pixels: NDArray[np.uint8], path: Path) -> None:
-        """Queue ``pixels`` (H x W grayscale or H x W x 3 RGB) to be saved as a PNG at ``path``."""
+        """Queue ``pixels`` (H x W grayscale or H x W x 3 RGB) to be saved as a PNG at ``path``.
+
+        Args:
+            pixels: The 8-bit image.
+            path: Destination file; written later, on a worker thread.
+        """
         while len(self._pending) >= 2 * self._workers:
             self._pending.popleft().result()
         self._pending.append(self._pool.submit(_save_png, pixels, path))

@@ -30,7 +30,14 @@ _TINTS: dict[str, tuple[float, float, float]] = {
 
 @functools.cache
 def source_photo(category: str) -> FloatImage:
-    """Load the scikit-image texture photo as a read-only float grayscale array in [0, 1]."""
+    """Load the scikit-image texture photo as a read-only float grayscale array in [0, 1].
+
+    Args:
+        category: One of :data:`TEXTURE_CATEGORIES`, the name of a ``skimage.data`` photo.
+
+    Returns:
+        The photo; cached, so every call gives the same array.
+    """
     photo = np.asarray(getattr(skdata, category)(), dtype=np.float32)
     if photo.ndim == 3:
         photo = photo[..., :3].mean(axis=-1)
@@ -40,7 +47,14 @@ def source_photo(category: str) -> FloatImage:
 
 
 def bands(height: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Row ranges (start, stop) of the train band (top) and test band (bottom) of a source photo."""
+    """Row ranges (start, stop) of the train band (top) and test band (bottom) of a source photo.
+
+    Args:
+        height: Rows of the source photo.
+
+    Returns:
+        ``(train_rows, test_rows)``, ``_BAND_GAP`` rows apart so no pixel is in both splits.
+    """
     test_start = height - _CROP_MAX
     return (0, test_start - _BAND_GAP), (test_start, height)
 
@@ -74,12 +88,29 @@ def _colorize(gray: FloatImage, category: str) -> FloatImage:
 
 
 def normal_sample(category: str, rows: tuple[int, int], image_size: int, rng: np.random.Generator) -> FloatImage:
-    """Render a defect-free RGB sample of ``category`` from the given band of its photo."""
+    """Render a defect-free RGB sample of ``category`` from the given band of its photo.
+
+    Args:
+        category: One of :data:`TEXTURE_CATEGORIES`.
+        rows: ``(start, stop)`` rows of the photo to crop from, as :func:`bands` gives them.
+        image_size: Side of the square sample in pixels.
+        rng: Random generator of the crop, rotation and flip.
+
+    Returns:
+        An ``image_size x image_size x 3`` float image in ``[0, 1]``.
+    """
     return _colorize(_random_crop(category, rows, image_size, rng), category)
 
 
 def to_uint8(image: FloatImage) -> NDArray[np.uint8]:
-    """Quantise a [0, 1] float image to contiguous 8-bit pixels (round half to even, deterministic)."""
+    """Quantise a [0, 1] float image to contiguous 8-bit pixels (round half to even, deterministic).
+
+    Args:
+        image: Float image; values outside [0, 1] are clipped.
+
+    Returns:
+        The ``uint8`` image, the same shape.
+    """
     scaled = np.clip(image, 0.0, 1.0) * image.dtype.type(255.0)
     np.rint(scaled, out=scaled)
     return np.ascontiguousarray(scaled.astype(np.uint8))

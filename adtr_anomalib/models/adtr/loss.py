@@ -26,7 +26,15 @@ class ADTRLoss(nn.Module):
         self.reduction = reduction
 
     def forward(self, features: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
-        """Loss over ``(B, C, h, w)`` feature maps."""
+        """Loss over ``(B, C, h, w)`` feature maps.
+
+        Args:
+            features: Backbone features, the target.
+            reconstruction: The reconstructor's output, the same shape.
+
+        Returns:
+            The scalar loss.
+        """
         squared = (features - reconstruction).pow(2)
         per_position = squared.sum(dim=1) if self.reduction == "sum" else squared.mean(dim=1)
         return per_position.mean()

@@ -143,7 +143,14 @@ class ADTRReconstructor(nn.Module):
         )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Reconstruct ``(B, C, h, w)`` features."""
+        """Reconstruct ``(B, C, h, w)`` features.
+
+        Args:
+            features: Backbone features on the feature grid; jittered first in training when ``feature_jitter`` is on.
+
+        Returns:
+            The reconstruction, the same shape as ``features``.
+        """
         batch, _, height, width = features.shape
         patch = self.patch_size
         if self.training and self.feature_jitter > 0:
@@ -161,7 +168,14 @@ class ADTRReconstructor(nn.Module):
         return F.pixel_shuffle(out, patch) if patch > 1 else out
 
     def add_jitter(self, tokens: torch.Tensor) -> torch.Tensor:
-        """UniAD's feature jitter on ``(..., C)`` features: noise proportional to each position's norm / C."""
+        """UniAD's feature jitter on ``(..., C)`` features: noise proportional to each position's norm / C.
+
+        Args:
+            tokens: Features with the channels last.
+
+        Returns:
+            ``tokens`` plus Gaussian noise, the same shape.
+        """
         scale = tokens.norm(dim=-1, keepdim=True) * (self.feature_jitter / tokens.shape[-1])
         return tokens + torch.randn_like(tokens) * scale
 
@@ -277,11 +291,22 @@ class ADTRModel(nn.Module):
 
     @property
     def num_channels(self) -> int:
-        """Channels ``C`` of the concatenated multi-scale feature map."""
+        """Channels ``C`` of the concatenated multi-scale feature map.
+
+        Returns:
+            The sum of the selected stages' channels.
+        """
         return sum(self.feature_extractor.out_dims)
 
     def load_backbone_weights(self, weights: str | Path | None = None) -> str:
-        """Load ImageNet weights into the frozen backbone; returns where they came from."""
+        """Load ImageNet weights into the frozen backbone; returns where they came from.
+
+        Args:
+            weights: Local weights file; ``None`` tries packaged offline weights, then timm's hub.
+
+        Returns:
+            A description of the source, for the log.
+        """
         source = load_backbone_weights(self.feature_extractor.feature_extractor, self.backbone, weights)
         self.backbone_weights_loaded.fill_(True)
         return source
@@ -290,6 +315,15 @@ class ADTRModel(nn.Module):
         """Frozen multi-scale features, each stage resized to the ``feature_stride`` grid and concatenated.
 
         Bilinear with ``align_corners=True`` for every stage, down-sampling included, as UniAD does.
+
+        Args:
+            images: Pre-processed ``(B, 3, H, W)`` images at the model's ``input_size``.
+
+        Returns:
+            ``(B, C, h, w)`` features, standardised with the per-channel statistics (identity until fitted).
+
+        Raises:
+            ValueError: If the images are not the size the model was built for.
         """
         if tuple(images.shape[-2:]) != self.input_size:
             msg = (
@@ -305,7 +339,11 @@ class ADTRModel(nn.Module):
 
     @property
     def needs_feature_statistics(self) -> bool:
-        """``normalize_features`` is on and the statistics have not been fitted (or restored) yet."""
+        """``normalize_features`` is on and the statistics have not been fitted (or restored) yet.
+
+        Returns:
+            ``True`` while :meth:`fit_feature_statistics` still has to run.
+        """
         return self.normalize_features and not bool(self.feature_statistics_fitted)
 
     @torch.no_grad()
@@ -314,6 +352,13 @@ class ADTRModel(nn.Module):
 
         Accumulated in float64 over every position of every image, so the result does not depend on batching.
         ``reduce`` sums the accumulators over processes (distributed training, where each sees a shard).
+
+        Args:
+            images: Batches of pre-processed training images.
+            reduce: Sums a tensor over processes; ``None`` in a single process.
+
+        Raises:
+            ValueError: If ``images`` yields no images.
         """
         self.feature_mean.zero_()
         self.feature_std.fill_(1.0)
@@ -344,6 +389,10 @@ class ADTRModel(nn.Module):
 
         The reconstructor runs in eval mode (no dropout, no jitter), as at test time; float64 sums over images,
         so the result does not depend on batching. ``reduce``: as in :meth:`fit_feature_statistics`.
+
+        Args:
+            features: Batches of features of normal training images, from :meth:`extract_features`.
+            reduce: Sums a tensor over processes; ``None`` in a single process.
         """
         was_training = self.reconstructor.training
         self.reconstructor.eval()
@@ -357,11 +406,26 @@ class ADTRModel(nn.Module):
         self.map_statistics_fitted.fill_(True)
 
     def reconstruct(self, features: torch.Tensor) -> torch.Tensor:
-        """Reconstruct features with the transformer."""
+        """Reconstruct features with the transformer.
+
+        Args:
+            features: ``(B, C, h, w)`` features from :meth:`extract_features`.
+
+        Returns:
+            The reconstructed features, the same shape.
+        """
         return self.reconstructor(features)
 
     def raw_maps(self, features: torch.Tensor, reconstruction: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pixel map (``map_layers``) and the map of all stages, ``(B, 1, H, W)`` each, before ``normalize_map``."""
+        """The pixel map (``map_layers``) and the map of all stages, ``(B, 1, H, W)`` each, before ``normalize_map``.
+
+        Args:
+            features: ``(B, C, h, w)`` features from :meth:`extract_features`.
+            reconstruction: Their reconstruction from :meth:`reconstruct`.
+
+        Returns:
+            ``(pixel_map, score_map)``; the same tensor twice when ``map_layers`` covers every stage.
+        """
         full = self.anomaly_map_generator.compute_anomaly_map(features, reconstruction, self.input_size)
         if self.map_is_all:
             return full, full
@@ -372,7 +436,15 @@ class ADTRModel(nn.Module):
         return pixel, full
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | InferenceBatch:
-        """Training: ``(features, reconstruction)``. Inference: ``InferenceBatch(pred_score, anomaly_map)``."""
+        """Training: ``(features, reconstruction)``. Inference: ``InferenceBatch(pred_score, anomaly_map)``.
+
+        Args:
+            images: Pre-processed ``(B, 3, H, W)`` images at the model's ``input_size``.
+
+        Returns:
+            In training, the features and their reconstruction, for the loss. Otherwise ``(B,)`` image scores and
+            ``(B, 1, H, W)`` anomaly maps, standardised per pixel when ``normalize_map`` is on.
+        """
         features = self.extract_features(images)
         reconstruction = self.reconstruct(features)
         if self.training:
@@ -393,6 +465,16 @@ def per_pixel_statistics(
     Sums in float64, so the result does not depend on batching; ``reduce`` sums them over processes. The deviation
     has a floor of 0.1% of its mean: a pixel where every normal map agrees (a flat background) must not turn noise
     into huge scores.
+
+    Args:
+        maps: Batches of ``(B, K, H, W)`` anomaly maps.
+        reduce: Sums a tensor over processes; ``None`` in a single process.
+
+    Returns:
+        The per-pixel mean and floored standard deviation, ``(K, H, W)`` each, in float32.
+
+    Raises:
+        ValueError: If there are fewer than 2 images in all.
     """
     count, first, second = torch.zeros((), dtype=torch.float64), 0.0, 0.0
     for batch in maps:

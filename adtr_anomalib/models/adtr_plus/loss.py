@@ -29,6 +29,13 @@ def pseudo_huber_error(features: torch.Tensor, reconstruction: torch.Tensor) -> 
 
     Computed as ``m * (m / (hypot(m, 1) + 1))``, equal to ``sqrt(m^2 + 1) - 1``: it neither cancels to 0 for small
     ``m`` nor overflows for large ``m`` (``m^2`` is inf above ~1.8e19 in fp32).
+
+    Args:
+        features: ``(B, C, h, w)`` backbone features.
+        reconstruction: Their reconstruction, the same shape.
+
+    Returns:
+        The ``(B, h, w)`` error ``phi`` at each position.
     """
     mean_abs = (features - reconstruction).abs().mean(dim=1)
     return mean_abs * (mean_abs / (torch.hypot(mean_abs, torch.ones_like(mean_abs)) + 1.0))
@@ -39,6 +46,13 @@ def log_one_minus_exp_neg(x: torch.Tensor, eps: float = EPS) -> torch.Tensor:
 
     ``1 - exp(-x)`` loses every digit for small ``x`` and is 0 at ``x = 0``; ``expm1`` keeps them, and the
     clamp keeps the value and its gradient finite (the gradient through the clamp is 0 below ``eps``).
+
+    Args:
+        x: Non-negative values; smaller ones than ``eps`` are raised to it.
+        eps: Smallest argument used, which keeps the result finite.
+
+    Returns:
+        ``log(1 - exp(-x))`` element by element, always negative.
     """
     return torch.log(-torch.expm1(-x.clamp_min(eps)))
 
@@ -54,6 +68,17 @@ def masks_to_token_labels(
     (adaptive average pooling, then ``>=``). ``threshold=None`` means "any anomalous pixel" (adaptive max
     pooling): defects are often much smaller than a 16x16 cell and would otherwise vanish. Cells follow
     ``adaptive_*_pool2d``: exact ``H/h x W/w`` blocks when the sizes divide, slightly overlapping otherwise.
+
+    Args:
+        masks: Binary pixel masks, 1 = anomalous.
+        grid: ``(h, w)`` of the feature grid.
+        threshold: Fraction of anomalous pixels that makes a token anomalous; ``None``: any anomalous pixel.
+
+    Returns:
+        ``(B, h, w)`` float token labels.
+
+    Raises:
+        ValueError: If ``masks`` has neither shape.
     """
     if masks.ndim == 3:
         masks = masks.unsqueeze(1)
@@ -92,6 +117,13 @@ class ADTRPlusLoss(nn.Module):
 
         The anomaly term only exists for images with at least one anomalous token: for a normal image its
         argument is 0 and ``-log(1 - exp(0))`` is infinite, so that term is dropped there, not clamped.
+
+        Args:
+            error: ``phi`` from :func:`pseudo_huber_error`.
+            token_labels: Labels on the feature grid, e.g. from :func:`masks_to_token_labels`.
+
+        Returns:
+            ``L_px`` of each image.
         """
         labels = token_labels.to(error.dtype)
         normal_term = ((1.0 - labels) * error).mean(dim=(-2, -1))
@@ -101,7 +133,15 @@ class ADTRPlusLoss(nn.Module):
         return normal_term + torch.where(has_anomaly, push, torch.zeros_like(push))
 
     def image_loss(self, error: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """``L_img`` for each image: ``(B, h, w)`` errors and image labels in {0, 1} -> ``(B,)``."""
+        """``L_img`` for each image: ``(B, h, w)`` errors and image labels in {0, 1} -> ``(B,)``.
+
+        Args:
+            error: ``phi`` from :func:`pseudo_huber_error`.
+            labels: Image labels, 1 = anomalous.
+
+        Returns:
+            ``L_img`` of each image.
+        """
         flat = error.flatten(1)
         q = flat.topk(min(self.k, flat.shape[1]), dim=1).values.mean(dim=1)
         y = labels.to(error.dtype)
@@ -122,6 +162,9 @@ class ADTRPlusLoss(nn.Module):
                 An image labelled anomalous whose mask is empty at feature resolution (a defect lost in
                 resizing, or a label without a mask) gets ``L_img``: its normal term would otherwise pull the
                 defect toward a good reconstruction.
+
+        Returns:
+            The scalar loss.
         """
         image_loss = self.image_loss(error, labels)
         if token_labels is None:
