@@ -24,7 +24,7 @@ except ImportError as error:  # matplotlib is not a dependency of the models the
     msg = 'adtr_anomalib.plotting needs matplotlib: pip install "adtr-anomalib[notebooks]"'
     raise ImportError(msg) from error
 
-__all__ = ["Predictions", "load_image", "plot_heatmaps", "plot_score_histogram"]
+__all__ = ["Predictions", "load_image", "plot_heatmaps", "plot_score_histogram", "save_with_palette"]
 
 
 @dataclass
@@ -188,3 +188,18 @@ def plot_score_histogram(
     ax.set_title(title)
     ax.legend()
     return ax
+
+
+def save_with_palette(path: str | Path) -> int:
+    """Re-save a PNG figure with a 256-colour palette: plots have few colours, and the file shrinks severalfold.
+
+    Args:
+        path: The PNG to rewrite in place.
+
+    Returns:
+        The new file size in bytes.
+    """
+    with Image.open(path) as image:
+        small = image.convert("RGB").quantize(256)
+    small.save(path, optimize=True)
+    return Path(path).stat().st_size

@@ -22,6 +22,8 @@ import matplotlib as mpl
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the arms are defined by the sibling convergence.py
 from convergence import RECIPES_TRIED, recipe_settings
 
+from adtr_anomalib.plotting import save_with_palette
+
 mpl.use("Agg")
 import matplotlib.pyplot as plt
 
@@ -158,6 +160,7 @@ def plot(summary: list[dict[str, object]], peer_rows: dict, figure: Path, x: str
     fig.tight_layout()
     figure.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(figure, dpi=64)
+    save_with_palette(figure)
 
 
 def main() -> None:

@@ -127,9 +127,10 @@ def test_recommended_and_peers_configs_plan_adtr_fast_and_the_peers_on_full_data
     monkeypatch.chdir(REPO)
     recommended = _plan("--config", str(CONFIGS / "recommended.yaml"), "--data", json.dumps([str(bsdata_root)]))
     assert [job.model.label for job in recommended] == ["ADTR", "PaDiM"]  # PatchCore: peers.yaml
-    assert recommended[0].model.init_args == {"recipe": "fast"}
     offline = yaml.safe_load((REPO / "configs" / "adtr" / "lite0_offline.yaml").read_text())
-    assert recommended[0].model.epochs == offline["trainer"]["max_epochs"]  # ADTR as the recommended config trains it
+    # ADTR as the recommended config trains it: the same recipe and epochs.
+    assert recommended[0].model.init_args == {"recipe": offline["model"]["init_args"]["recipe"]}
+    assert recommended[0].model.epochs == offline["trainer"]["max_epochs"]
     peers = _plan("--config", str(CONFIGS / "peers.yaml"), "--data", json.dumps(["builtin:brick", str(bsdata_root)]))
     assert sorted({job.data.label for job in peers}) == ["brick", "bsdata_pitting"]
     assert {job.model.label for job in peers} == {"PaDiM", "PatchCore"}

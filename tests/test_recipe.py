@@ -119,6 +119,28 @@ def test_fast_recipe_sets_only_what_was_left_at_the_default() -> None:
     assert own.model.map_layers == ["blocks.1", "blocks.2"]
 
 
+def test_fast_stride8_recipe_is_fast_on_a_stride_8_map_with_as_many_tokens() -> None:
+    fine = ADTR(backbone="tf_efficientnet_lite0", recipe="fast_stride8", pre_trained=False)
+    coarse = ADTR(backbone="tf_efficientnet_lite0", recipe="fast", pre_trained=False)
+    for key in RECIPES["fast"]:
+        assert fine.hparams[key] == coarse.hparams[key], key
+    assert (fine.hparams.feature_stride, fine.hparams.patch_size) == (8, 2)
+    assert (coarse.hparams.feature_stride, coarse.hparams.patch_size) == (16, 1)
+    maps = {}
+    for name, model in (("fine", fine), ("coarse", coarse)):
+        model.eval()
+        features = model.model.extract_features(torch.zeros(1, 3, 256, 256))
+        maps[name] = features.shape[-2:]
+        assert model.model.reconstructor.query_embed.shape[1] == 16 * 16  # the same number of tokens
+    assert (maps["fine"], maps["coarse"]) == ((32, 32), (16, 16))
+
+
+def test_the_demo_offers_every_recipe() -> None:
+    from adtr_anomalib.__main__ import RECIPE_NAMES
+
+    assert sorted(RECIPE_NAMES) == sorted(RECIPES)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

@@ -11,7 +11,7 @@ import torch
 from .adtr.torch_model import DEFAULT_LAYERS
 
 LRSchedule = Literal["step", "cosine"]
-Recipe = Literal["paper", "fast"]
+Recipe = Literal["paper", "fast", "fast_stride8"]
 # Named training recipes: the arguments each one changes from the paper's defaults. Chosen by the ablation in
 # benchmarks/convergence.py (learning curves on BSData and the built-in textures, several seeds); see the README.
 RECIPES: dict[str, dict[str, Any]] = {
@@ -30,6 +30,9 @@ RECIPES: dict[str, dict[str, Any]] = {
         "normalize_map": True,
     },
 }
+# "fast" on a stride-8 anomaly map at stride-16 attention cost: 16x16 tokens, each reconstructing a 2x2 block of
+# stride-8 positions. Finer defect outlines (pixel AUPRO) for a little image AUROC; see README "The fast recipe".
+RECIPES["fast_stride8"] = {**RECIPES["fast"], "feature_stride": 8, "patch_size": 2}
 
 
 def lr_scheduler(
