@@ -5,6 +5,8 @@ PatchCore on the same full data, backbone weights and metrics); writes the figur
 mean, standard deviation and range over seeds at every evaluated epoch.
 
     python benchmarks/plot_convergence.py --x epoch --peers benchmarks/results/peers/results.csv
+
+It also writes ``--comparison``: the recipes ``fast`` and ``fast_stride8`` side by side with the peers (README).
 """
 
 from __future__ import annotations
@@ -163,6 +165,48 @@ def plot(summary: list[dict[str, object]], peer_rows: dict, figure: Path, x: str
     save_with_palette(figure)
 
 
+# The recommended recipes side by side, each at the end of its schedule: (data set, arm, epoch, pixel AUROC, pixel
+# AUPRO, image AUROC columns). "fast" on the textures is the fast_full_map runs' standardised map without stride 32.
+STRIDE16 = {
+    "bsdata": ("fast", 8, "pixel_AUROC", "pixel_AUPRO", "image_AUROC_pool16_max"),
+    "texture": ("fast_full_map", 8, "pixel_AUROC_no32_posz", "pixel_AUPRO_no32_posz", "image_AUROC_posz_pool16_max"),
+}
+STRIDE8 = ("fast_s8p2_posz", 6, "pixel_AUROC", "pixel_AUPRO", "image_AUROC_pool16_max")
+
+
+def recipe_table(summary: list[dict[str, object]], peer_rows: dict) -> str:
+    """Markdown: ``fast`` (stride 16) against ``fast_stride8`` and the peers, the range over seeds in each cell."""
+    entries = {(e["dataset"], e["recipe"], e["epoch"]): e for e in summary}
+
+    def cell(dataset: str, arm: str, epoch: int, column: str) -> str:
+        entry = entries.get((dataset, arm, epoch), {})
+        if f"{column}_min" not in entry:
+            return "n/a"
+        low, high = f"{entry[f'{column}_min']:.3f}", f"{entry[f'{column}_max']:.3f}"
+        return low if low == high else f"{low}-{high}"
+
+    lines = [
+        "| data set | metric | `fast`, stride 16, epoch 8 | `fast_stride8`, epoch 6 | PaDiM | PatchCore |",
+        "|---|---|---|---|---|---|",
+    ]
+    for dataset in ("bsdata", "brick", "gravel", "grass"):
+        coarse = STRIDE16["bsdata" if dataset == "bsdata" else "texture"]
+        for index, (metric, peer_metric) in enumerate(
+            (("pixel AUROC", "pixel_AUROC"), ("pixel AUPRO", "pixel_AUPRO"), ("image AUROC", "image_AUROC"))
+        ):
+            name = BENCHMARK_NAMES.get(dataset, dataset)
+            peer = [peer_rows.get((name, model), {}).get(peer_metric) for model in ("PaDiM", "PatchCore")]
+            row = [
+                name if index == 0 else "",
+                metric,
+                cell(dataset, coarse[0], coarse[1], coarse[2 + index]),
+                cell(dataset, STRIDE8[0], STRIDE8[1], STRIDE8[2 + index]),
+                *("n/a" if value is None else f"{value:.3f}" for value in peer),
+            ]
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--curves", type=Path, default=Path("benchmarks/results/convergence.csv"))
@@ -176,14 +220,22 @@ def main() -> None:
     parser.add_argument("--summary", type=Path, default=Path("benchmarks/results/convergence_summary.csv"))
     parser.add_argument("--figure", type=Path, default=Path("docs/convergence.png"))
     parser.add_argument("--x", choices=["epoch", "train_seconds"], default="train_seconds")
+    parser.add_argument(
+        "--comparison",
+        type=Path,
+        default=Path("benchmarks/results/recipe_comparison.md"),
+        help="Markdown table of the two recommended recipes with the peers",
+    )
     args = parser.parse_args()
     summary = summarise(read(args.curves))
     with args.summary.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(k for e in summary for k in e)))
         writer.writeheader()
         writer.writerows(summary)
-    plot(summary, peers(args.peers), args.figure, args.x)
-    print(f"wrote {args.summary} and {args.figure}")
+    peer_rows = peers(args.peers)
+    plot(summary, peer_rows, args.figure, args.x)
+    args.comparison.write_text(recipe_table(summary, peer_rows) + "\n")
+    print(f"wrote {args.summary}, {args.figure} and {args.comparison}")
 
 
 if __name__ == "__main__":
