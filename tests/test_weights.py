@@ -88,8 +88,9 @@ def test_weights_of_another_architecture_are_refused(tmp_path: Path) -> None:
 def test_pickled_objects_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "model.pth"
     torch.save(timm.create_model("resnet18", features_only=True), path)  # a whole pickled module, not tensors
-    with pytest.raises(ValueError, match=r"pickled model objects are refused"):
+    with pytest.raises(ValueError, match=r"pickled model objects are refused") as error:
         ADTRModel("resnet18", ["layer2"], weights=path, input_size=(64, 64), **TINY)
+    assert "weights_only=False" not in str(error.value)  # no advice to run the file's code
 
 
 def test_no_weight_source_names_the_options_and_fails_fast() -> None:

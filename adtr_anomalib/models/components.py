@@ -145,8 +145,10 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = timm.models.load_state_dict(str(path), use_ema=False)
     except Exception as error:
+        # The reader's own advice to retry with weights_only=False would run the file's code: it is left out.
+        reason = re.sub(r"\s*If this checkpoint is trusted.*", "", _first_line(error))
         msg = (
-            f"Could not read backbone weights from '{path}': {error}. The file must be a plain state dict "
+            f"Could not read backbone weights from '{path}': {reason} The file must be a plain state dict "
             "(torch.save of tensors, or .safetensors); pickled model objects are refused for safety."
         )
         raise ValueError(msg) from error
