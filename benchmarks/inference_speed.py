@@ -24,9 +24,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
-import re
 import sys
 import tempfile
 import time
@@ -50,6 +47,7 @@ from adtr_anomalib import ADTR
 from adtr_anomalib.benchmark import build_model, limit_heap_fragmentation, markdown_table, write_csv
 from adtr_anomalib.benchmark.measure import fastest_seconds, peak_memory, timed
 from adtr_anomalib.benchmark.report import unused_path
+from adtr_anomalib.benchmark.run import machine
 from adtr_anomalib.data import default_dataset_root, make_texture_dataset, mvtec_layout_folder
 from adtr_anomalib.deploy import PARITY_TOLERANCES, openvino_config
 
@@ -123,28 +121,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     table, summary = markdown_table(rows), targets(rows, peaks)
     print(f"\n{table}\n\n{summary}")
     report = unused_path(args.output, "results.md")
-    report.write_text(f"{table}\n\n{summary}\n\n{describe(args, peaks)}\n")
+    report.write_text(f"{table}\n\n{summary}\n\n{describe(peaks)}\n")
     print(f"CSV: {write_csv(rows, args.output)}, table: {report}")
     return 0
 
 
-def describe(args: argparse.Namespace, peaks: dict[str, float]) -> str:
+def describe(peaks: dict[str, float]) -> str:
     """When, where and how the table was measured."""
-    flags = [flag for flag in ("avx512_vnni", "avx512_bf16", "amx_tile") if flag in _cpu_flags()]
     return (
-        f"{datetime.now().isoformat(timespec='minutes')}, {os.cpu_count()} CPUs ({platform.processor() or 'x86_64'}; "
-        f"{', '.join(flags) or 'no AVX-512 VNNI/BF16'}), {args.threads} threads; matmul peak fp32 "
-        f"{peaks['fp32']:.0f}, bf16 {peaks['bf16']:.0f} GFLOP/s; {SIZE}x{SIZE} inputs; torch {torch.__version__}, "
-        f"OpenVINO {openvino.__version__}."
+        f"{datetime.now().isoformat(timespec='minutes')}, {machine()}; matmul peak fp32 {peaks['fp32']:.0f}, bf16 "
+        f"{peaks['bf16']:.0f} GFLOP/s; {SIZE}x{SIZE} inputs; OpenVINO {openvino.__version__}."
     )
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return set(re.findall(r"\b(avx512_vnni|avx512_bf16|amx_tile)\b", text))
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:

@@ -265,8 +265,13 @@ def machine() -> str:
     """The machine in one line, for the report."""
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists() and (found := re.search(r"model name\s*:\s*(.+)", cpuinfo.read_text())):
+    text = cpuinfo.read_text() if cpuinfo.exists() else ""
+    if found := re.search(r"model name\s*:\s*(.+)", text):
         cpu = found.group(1).strip()
+    # What decides bf16 and INT8 speed on a CPU (the matrix extensions OpenVINO and oneDNN use).
+    extensions = [name for name in ("avx512_vnni", "avx512_bf16", "amx_tile") if re.search(rf"\b{name}\b", text)]
+    if text:
+        cpu += f"; {', '.join(extensions) or 'no AVX-512 VNNI/BF16 or AMX'}"
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (
         f"{os.cpu_count()} CPUs ({cpu}), {gpu}; torch {torch.__version__} with {torch.get_num_threads()} threads; "
