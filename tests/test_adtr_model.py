@@ -126,6 +126,8 @@ def test_normalisation_comes_from_the_backbone() -> None:
         ({"lr": 0.0}, r"lr must be a finite number > 0"),
         ({"lr": float("nan")}, r"lr must be a finite number > 0"),
         ({"weight_decay": -1e-4}, r"weight_decay one >= 0"),
+        ({"reconstructor": "lstm"}, r"reconstructor must be one of \['transformer', 'no_query', 'mlp', 'cnn'\]"),
+        ({"reconstructor": "cnn", "patch_size": 8}, r"reconstructor 'cnn' .* multiples of 4; got 2x2"),
     ],
     ids=[
         "unknown backbone",
@@ -137,6 +139,8 @@ def test_normalisation_comes_from_the_backbone() -> None:
         "zero lr",
         "NaN lr",
         "negative weight decay",
+        "unknown reconstructor",
+        "token grid too small for the CNN",
     ],
 )
 def test_bad_configuration_is_rejected_up_front(kwargs: dict, message: str) -> None:

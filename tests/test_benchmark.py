@@ -165,3 +165,24 @@ def test_timing_helpers_return_the_result_and_the_fastest_call() -> None:
     delays = iter([0.2, 0.05, 0.01, 0.05, 0.05, 0.05])  # the first call is the warm-up and is not timed
     fastest = fastest_seconds(lambda: time.sleep(next(delays)), min_calls=3, min_seconds=0.0)
     assert 0.005 < fastest < 0.04
+
+
+def test_interleaved_timing_takes_turns_and_keeps_each_fastest_call() -> None:
+    import time
+
+    from adtr_anomalib.benchmark.measure import fastest_interleaved
+
+    order: list[str] = []
+    slow_delays = iter([0.2, 0.05, 0.03, 0.05])  # warm-up, then three timed calls: the fastest is 0.03
+
+    def fast() -> None:
+        order.append("fast")
+
+    def slow() -> None:
+        order.append("slow")
+        time.sleep(next(slow_delays))
+
+    fastest = fastest_interleaved([fast, slow], rounds=3)
+    assert order == ["fast", "slow"] + ["fast", "slow"] * 3  # one warm-up each, then in turns
+    assert fastest[0] < 0.01
+    assert 0.025 < fastest[1] < 0.045

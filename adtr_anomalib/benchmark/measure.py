@@ -11,7 +11,7 @@ import math
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -49,6 +49,28 @@ def fastest_seconds(call: Callable[[], Any], min_calls: int = 3, min_seconds: fl
     while len(times) < min_calls or sum(times) < min_seconds:
         times.append(timed(call)[1])
     return min(times)
+
+
+def fastest_interleaved(calls: Sequence[Callable[[], Any]], rounds: int = 12) -> list[float]:
+    """Seconds of the fastest call of each of ``calls``, timed in turns after one warm-up call each.
+
+    In turns, not one after the other: on a shared machine a busy spell then slows every call alike, so the
+    ratios between them hold; timed in blocks, one runtime can get the quiet minute and another the busy one.
+
+    Args:
+        calls: Units of work to compare, e.g. one batch through each of several runtimes.
+        rounds: Timed calls of each.
+
+    Returns:
+        The fastest call's seconds, for each of ``calls`` in order.
+    """
+    for call in calls:
+        call()
+    times: list[list[float]] = [[] for _ in calls]
+    for _ in range(rounds):
+        for call, spent in zip(calls, times, strict=True):
+            spent.append(timed(call)[1])
+    return [min(spent) for spent in times]
 
 
 @dataclass

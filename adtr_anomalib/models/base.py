@@ -52,6 +52,7 @@ ARCHITECTURE_ARGUMENTS = (
     "layers",
     "feature_stride",
     "patch_size",
+    "reconstructor",
     "hidden_dim",
     "num_encoder_layers",
     "num_decoder_layers",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
@@ -57,7 +59,9 @@ class AnomalyMapGenerator(nn.Module):
             The ``(B, 1, H, W)`` anomaly map.
         """
         distance = self.compute_distance(features, reconstruction)
-        return F.interpolate(distance, size=tuple(image_size), mode="bilinear", align_corners=True)
+        return _per_image(
+            distance, lambda maps: F.interpolate(maps, tuple(image_size), mode="bilinear", align_corners=True)
+        )
 
     def compute_score(self, anomaly_map: torch.Tensor) -> torch.Tensor:
         """Maximum of the average-pooled map, one value per image.
@@ -68,7 +72,12 @@ class AnomalyMapGenerator(nn.Module):
         Returns:
             ``(B,)`` image scores.
         """
-        pooled = F.avg_pool2d(anomaly_map, kernel_size=self.pooling_kernel, stride=1)
+        # Two 1-D means equal the square one and cost 2k instead of k**2 additions per pixel: the square pool took
+        # a tenth of OpenVINO's time at batch 16.
+        kernel = self.pooling_kernel
+        pooled = _per_image(
+            anomaly_map, lambda maps: F.avg_pool2d(F.avg_pool2d(maps, (kernel, 1), stride=1), (1, kernel), stride=1)
+        )
         return pooled.amax(dim=(1, 2, 3))
 
     def forward(
@@ -89,3 +98,20 @@ class AnomalyMapGenerator(nn.Module):
         """
         anomaly_map = self.compute_anomaly_map(features, reconstruction, image_size)
         return anomaly_map, self.compute_score(anomaly_map)
+
+
+def _per_image(maps: torch.Tensor, operation: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Apply a per-channel ``operation`` to ``(B, 1, H, W)`` maps with the images as channels of one sample.
+
+    The same result; but OpenVINO pads channels to blocks of 16 on CPU, so a one-channel map costs 16 times its
+    size there, and resizing and pooling the maps took a fifth of the exported model's time at batch 16.
+
+    Args:
+        maps: One-channel maps.
+        operation: A resize or pooling that treats channels independently.
+
+    Returns:
+        ``operation``'s result, ``(B, 1, H', W')``.
+    """
+    result = operation(maps.reshape(1, -1, *maps.shape[2:]))
+    return result.reshape(-1, 1, *result.shape[2:])

@@ -25,7 +25,7 @@ from adtr_anomalib.models.base import ADTRLightningMixin
 from adtr_anomalib.models.training import LRSchedule, Recipe, check_finite
 
 from .loss import ADTRLoss, LossReduction
-from .torch_model import DEFAULT_LAYERS
+from .torch_model import DEFAULT_LAYERS, ReconstructorKind
 
 __all__ = ["ADTR"]
 
@@ -46,6 +46,9 @@ class ADTR(ADTRLightningMixin, AnomalibModule):
         feature_stride: Stride of the common feature grid.
         patch_size: Grid positions per token along each side: ``feature_stride=8, patch_size=2`` gives a stride-8
             anomaly map for about the training cost of stride 16. 1 is the paper's one token per position.
+        reconstructor: ``"transformer"`` (ADTR: attention and a learnable query), or one of the paper's Table 4
+            ablations, for comparison: ``"no_query"`` (the decoder starts from the encoder output), ``"mlp"`` (the
+            same layers without attention) or ``"cnn"`` (a plain convolutional autoencoder).
         hidden_dim: Transformer width.
         num_encoder_layers: Encoder depth.
         num_decoder_layers: Decoder depth.
@@ -96,6 +99,7 @@ class ADTR(ADTRLightningMixin, AnomalibModule):
         weights: str | None = None,
         feature_stride: int = 16,
         patch_size: int = 1,
+        reconstructor: ReconstructorKind = "transformer",
         hidden_dim: int = 256,
         num_encoder_layers: int = 4,
         num_decoder_layers: int = 4,

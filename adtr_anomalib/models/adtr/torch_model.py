@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 from anomalib.data import InferenceBatch
@@ -30,6 +31,11 @@ SumReduce = Callable[[torch.Tensor], torch.Tensor]
 
 # EfficientNet stages 1-5 in timm's ``features_only`` naming (paper: all five, C = 720 for B4).
 DEFAULT_LAYERS: tuple[str, ...] = ("blocks.0", "blocks.1", "blocks.2", "blocks.4", "blocks.6")
+# What rebuilds the features (paper Table 4): the transformer with a learnable query (ADTR), the same transformer
+# whose decoder starts from the encoder output ("without query"), its feed-forward blocks alone ("without
+# attention"), or a plain convolutional autoencoder.
+ReconstructorKind = Literal["transformer", "no_query", "mlp", "cnn"]
+RECONSTRUCTORS: tuple[str, ...] = get_args(ReconstructorKind)
 # Buffers of ADTRModel that hold the per-channel feature statistics (``normalize_features``).
 FEATURE_STATISTICS: tuple[str, ...] = ("feature_mean", "feature_std", "feature_statistics_fitted")
 # Buffers of ADTRModel that hold the per-pixel statistics of the training images' anomaly maps (``normalize_map``).
@@ -94,6 +100,28 @@ class _FeedForward(nn.Module):
         return self.norm(tokens + self.dropout(self.net(tokens)))
 
 
+class _ConvAutoencoder(nn.Module):
+    """The paper's "plain CNN" baseline on the token grid: two stride-2 3x3 convolutions down, two 2x2 transposed
+    convolutions back up, ``hidden_dim`` wide. Its bottleneck (a quarter of the grid on each side) is what keeps it
+    from copying its input; nothing in it knows which features are normal."""
+
+    def __init__(self, hidden_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(hidden_dim, hidden_dim, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(hidden_dim, hidden_dim, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.ConvTranspose2d(hidden_dim, hidden_dim, 2, stride=2),
+            nn.ReLU(),
+            nn.ConvTranspose2d(hidden_dim, hidden_dim, 2, stride=2),
+        )
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        return self.net(grid)
+
+
 class ADTRReconstructor(nn.Module):
     """Transformer encoder-decoder that rebuilds a feature map from a learnable query embedding.
 
@@ -111,6 +139,10 @@ class ADTRReconstructor(nn.Module):
             reconstructs all of them. With ``feature_stride`` 8 and ``patch_size`` 2 the anomaly map is on a
             stride-8 grid while attention still runs over stride-16 tokens (a quarter of the positions: attention
             costs grow with their square). 1 (paper): one token per position.
+        kind: ``"transformer"`` (ADTR), or one of the paper's ablations (Table 4): ``"no_query"`` (the decoder
+            starts from the encoder output, so it can learn to copy), ``"mlp"`` (the encoder and decoder layers'
+            feed-forward blocks, no attention) or ``"cnn"`` (a convolutional autoencoder on the token grid).
+        grid: ``(rows, columns)`` of the token grid; only ``"cnn"`` needs it (``num_tokens`` in one row otherwise).
     """
 
     def __init__(
@@ -125,22 +157,33 @@ class ADTRReconstructor(nn.Module):
         dropout: float = 0.1,
         feature_jitter: float = 0.0,
         patch_size: int = 1,
+        kind: ReconstructorKind = "transformer",
+        grid: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         self.feature_jitter = feature_jitter
         self.patch_size = patch_size
+        self.kind = kind
         self.input_proj = nn.Linear(in_channels * patch_size**2, hidden_dim)
         self.output_proj = nn.Linear(hidden_dim, in_channels * patch_size**2)
         self.pos_embed = nn.Parameter(torch.empty(1, num_tokens, hidden_dim))
-        self.query_embed = nn.Parameter(torch.empty(1, num_tokens, hidden_dim))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.query_embed, std=0.02)
-        self.encoder = nn.ModuleList(
-            _EncoderLayer(hidden_dim, num_heads, ffn_dim, dropout) for _ in range(num_encoder_layers)
-        )
-        self.decoder = nn.ModuleList(
-            _DecoderLayer(hidden_dim, num_heads, ffn_dim, dropout) for _ in range(num_decoder_layers)
-        )
+        if kind == "transformer":
+            self.query_embed = nn.Parameter(torch.empty(1, num_tokens, hidden_dim))
+            nn.init.trunc_normal_(self.query_embed, std=0.02)
+        layers = num_encoder_layers, num_decoder_layers
+        if kind in {"transformer", "no_query"}:
+            self.encoder = nn.ModuleList(
+                _EncoderLayer(hidden_dim, num_heads, ffn_dim, dropout) for _ in range(layers[0])
+            )
+            self.decoder = nn.ModuleList(
+                _DecoderLayer(hidden_dim, num_heads, ffn_dim, dropout) for _ in range(layers[1])
+            )
+        elif kind == "mlp":
+            self.mixer = nn.Sequential(*(_FeedForward(hidden_dim, ffn_dim, dropout) for _ in range(sum(layers))))
+        else:
+            self.mixer = _ConvAutoencoder(hidden_dim, dropout)
+        self.grid = grid or (1, num_tokens)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Reconstruct ``(B, C, h, w)`` features.
@@ -151,21 +194,43 @@ class ADTRReconstructor(nn.Module):
         Returns:
             The reconstruction, the same shape as ``features``.
         """
-        batch, _, height, width = features.shape
+        batch, channels, height, width = features.shape
         patch = self.patch_size
         if self.training and self.feature_jitter > 0:
             features = self.add_jitter(features.movedim(1, -1)).movedim(-1, 1)
-        if patch > 1:
-            features = F.pixel_unshuffle(features, patch)  # (B, C * p * p, h / p, w / p)
-        tokens = self.input_proj(features.flatten(2).transpose(1, 2))
+        # The projections run as convolutions on the grid with the Linear layers' weights: the same sums as
+        # pixel_unshuffle + Linear and Linear + pixel_shuffle, but only the hidden_dim-wide tokens are transposed,
+        # not the C * p * p-wide features (their transposes took a tenth of OpenVINO's time at batch 16).
+        weight = self.input_proj.weight.view(-1, channels, patch, patch)
+        tokens = F.conv2d(features, weight, self.input_proj.bias, stride=patch).flatten(2).transpose(1, 2)
+        grid = self.mix(tokens).transpose(1, 2).reshape(batch, -1, height // patch, width // patch)
+        weight = self.output_proj.weight.t().reshape(-1, channels, patch, patch)
+        # The bias differs per position within a patch, so it is tiled over the grid, not a per-channel bias.
+        bias = self.output_proj.bias.view(1, channels, patch, patch).repeat(1, 1, height // patch, width // patch)
+        return F.conv_transpose2d(grid, weight, stride=patch) + bias
+
+    def mix(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Rebuild ``(B, N, hidden_dim)`` tokens with the chosen ``kind`` of network.
+
+        Args:
+            tokens: The projected input tokens.
+
+        Returns:
+            The rebuilt tokens, the same shape.
+        """
+        if self.kind == "mlp":
+            return self.mixer(tokens + self.pos_embed)
+        if self.kind == "cnn":
+            grid = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *self.grid)
+            return self.mixer(grid).flatten(2).transpose(1, 2)
         memory = tokens
         for layer in self.encoder:
             memory = layer(memory, self.pos_embed)
-        queries = self.query_embed.expand(batch, -1, -1)
+        # Without the query the decoder starts from what it should rebuild: the "identical mapping" shortcut.
+        queries = self.query_embed.expand(tokens.shape[0], -1, -1) if self.kind == "transformer" else memory
         for layer in self.decoder:
             queries = layer(queries, memory, self.pos_embed)
-        out = self.output_proj(queries).transpose(1, 2).reshape(batch, -1, height // patch, width // patch)
-        return F.pixel_shuffle(out, patch) if patch > 1 else out
+        return queries
 
     def add_jitter(self, tokens: torch.Tensor) -> torch.Tensor:
         """UniAD's feature jitter on ``(..., C)`` features: noise proportional to each position's norm / C.
@@ -192,6 +257,8 @@ class ADTRModel(nn.Module):
             per feature-grid position, so the size is fixed once the model is built.
         feature_stride: Stride of the common grid all stages are resized to. Paper: 16.
         patch_size: Grid positions per token along each side (see :class:`ADTRReconstructor`). Paper: 1.
+        reconstructor: ``"transformer"`` (ADTR), or a Table 4 ablation: ``"no_query"``, ``"mlp"`` (no attention)
+            or ``"cnn"`` (see :class:`ADTRReconstructor`).
         hidden_dim, num_encoder_layers, num_decoder_layers, num_heads, ffn_dim, dropout: Transformer
             sizes. Paper: 256, 4, 4, 8, 1024, 0.1.
         pooling_kernel: Averaging window for the image score, in pixels. UniAD: 16.
@@ -219,6 +286,7 @@ class ADTRModel(nn.Module):
         input_size: tuple[int, int] = (256, 256),
         feature_stride: int = 16,
         patch_size: int = 1,
+        reconstructor: ReconstructorKind = "transformer",
         hidden_dim: int = 256,
         num_encoder_layers: int = 4,
         num_decoder_layers: int = 4,
@@ -240,6 +308,7 @@ class ADTRModel(nn.Module):
             input_size,
             feature_stride,
             patch_size,
+            reconstructor,
             hidden_dim,
             num_heads,
             pooling_kernel,
@@ -264,6 +333,8 @@ class ADTRModel(nn.Module):
             dropout=dropout,
             feature_jitter=feature_jitter,
             patch_size=patch_size,
+            kind=reconstructor,
+            grid=(self.feature_grid[0] // patch_size, self.feature_grid[1] // patch_size),
         )
         self.normalize_features = normalize_features
         # Per-channel statistics of the training features. Always present (identity until fitted), so a
@@ -280,10 +351,18 @@ class ADTRModel(nn.Module):
         self.register_buffer("map_statistics_fitted", torch.tensor(False))
         self.map_layers = list(map_layers) if map_layers is not None else list(layers)
         starts = [0, *itertools.accumulate(self.feature_extractor.out_dims)]
-        channels = [range(starts[i], starts[i + 1]) for i, layer in enumerate(layers) if layer in self.map_layers]
-        # Indices of the map's channels; not saved (the arguments define them), so old checkpoints load.
-        self.register_buffer("map_channels", torch.tensor([c for r in channels for c in r]), persistent=False)
-        self.map_is_all = len(self.map_channels) == starts[-1]
+        # The map's channels as ``(start, stop)`` runs of the concatenated features, neighbouring stages merged.
+        # Slices, not an index tensor: an exported graph gathers indexed channels with a transpose of the whole
+        # feature map (a tenth of OpenVINO's time at batch 16); a slice is free. Derived from the arguments.
+        self.map_slices: list[tuple[int, int]] = []
+        for index, layer in enumerate(layers):
+            if layer not in self.map_layers:
+                continue
+            if self.map_slices and self.map_slices[-1][1] == starts[index]:
+                self.map_slices[-1] = (self.map_slices[-1][0], starts[index + 1])
+            else:
+                self.map_slices.append((starts[index], starts[index + 1]))
+        self.map_is_all = self.map_slices == [(0, starts[-1])]
         # Persistent flag, so a model restored from a checkpoint never fetches backbone weights again.
         self.register_buffer("backbone_weights_loaded", torch.tensor(False))
         if pre_trained or weights is not None:
@@ -333,7 +412,13 @@ class ADTRModel(nn.Module):
             raise ValueError(msg)
         with torch.no_grad():
             stages = self.feature_extractor(images).values()
-            resized = [F.interpolate(f, size=self.feature_grid, mode="bilinear", align_corners=True) for f in stages]
+            # A stage already on the grid is not resized: an exported graph would still run the identity resize.
+            resized = [
+                f
+                if f.shape[-2:] == self.feature_grid
+                else F.interpolate(f, self.feature_grid, mode="bilinear", align_corners=True)
+                for f in stages
+            ]
             features = torch.cat(resized, dim=1)
             return (features - self.feature_mean[:, None, None]) / self.feature_std[:, None, None]
 
@@ -429,11 +514,22 @@ class ADTRModel(nn.Module):
         full = self.anomaly_map_generator.compute_anomaly_map(features, reconstruction, self.input_size)
         if self.map_is_all:
             return full, full
-        channels = self.map_channels
         pixel = self.anomaly_map_generator.compute_anomaly_map(
-            features[:, channels], reconstruction[:, channels], self.input_size
+            self.map_features(features), self.map_features(reconstruction), self.input_size
         )
         return pixel, full
+
+    def map_features(self, features: torch.Tensor) -> torch.Tensor:
+        """The channels of ``map_layers`` out of ``(B, C, h, w)`` features.
+
+        Args:
+            features: Features or their reconstruction.
+
+        Returns:
+            The map's channels, in order.
+        """
+        parts = [features[:, start:stop] for start, stop in self.map_slices]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | InferenceBatch:
         """Training: ``(features, reconstruction)``. Inference: ``InferenceBatch(pred_score, anomaly_map)``.
@@ -501,6 +597,7 @@ def _validate(
     input_size: tuple[int, int],
     feature_stride: int,
     patch_size: int,
+    reconstructor: str,
     hidden_dim: int,
     num_heads: int,
     pooling_kernel: int,
@@ -529,6 +626,17 @@ def _validate(
             f"patch_size ({patch_size}) must be >= 1 and divide the feature grid {grid[0]}x{grid[1]} "
             f"(input_size {tuple(input_size)} / feature_stride {feature_stride}); e.g. patch_size 2 needs image "
             f"sides that are multiples of {2 * feature_stride}."
+        )
+        raise ValueError(msg)
+    if reconstructor not in RECONSTRUCTORS:
+        msg = f"reconstructor must be one of {list(RECONSTRUCTORS)}, got {reconstructor!r}."
+        raise ValueError(msg)
+    tokens = (grid[0] // patch_size, grid[1] // patch_size)
+    if reconstructor == "cnn" and (tokens[0] % 4 or tokens[1] % 4):
+        msg = (
+            f"reconstructor 'cnn' halves the token grid twice, so its sides must be multiples of 4; got "
+            f"{tokens[0]}x{tokens[1]} (input_size {tuple(input_size)} / feature_stride {feature_stride} / patch_size "
+            f"{patch_size}). Use a larger input_size or a smaller feature_stride."
         )
         raise ValueError(msg)
     if hidden_dim % num_heads:

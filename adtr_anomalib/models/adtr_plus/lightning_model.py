@@ -33,7 +33,7 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
-from adtr_anomalib.models.adtr.torch_model import DEFAULT_LAYERS, FEATURE_STATISTICS, MAP_STATISTICS
+from adtr_anomalib.models.adtr.torch_model import DEFAULT_LAYERS, FEATURE_STATISTICS, MAP_STATISTICS, ReconstructorKind
 from adtr_anomalib.models.base import ARCHITECTURE_ARGUMENTS, ADTRLightningMixin
 from adtr_anomalib.models.checkpoints import fill_statistics, plain
 from adtr_anomalib.models.training import LRSchedule, Recipe, check_finite
@@ -58,11 +58,11 @@ class ADTRPlus(ADTRLightningMixin, AnomalibModule):
     exactly ADTR's.
 
     Args:
-        backbone, layers, pre_trained, weights, feature_stride, patch_size, hidden_dim, num_encoder_layers,
-        num_decoder_layers, num_heads, ffn_dim, dropout, pooling_kernel, map_layers, feature_jitter,
-        normalize_features, normalize_map: as :class:`~adtr_anomalib.ADTR`; all but ``normalize_map`` must match the
-            ADTR checkpoint when one is given. The map statistics are fitted again after ADTR+ training, on its
-            normal training images.
+        backbone, layers, pre_trained, weights, feature_stride, patch_size, reconstructor, hidden_dim,
+        num_encoder_layers, num_decoder_layers, num_heads, ffn_dim, dropout, pooling_kernel, map_layers,
+        feature_jitter, normalize_features, normalize_map: as :class:`~adtr_anomalib.ADTR`; all but
+            ``normalize_map`` must match the ADTR checkpoint when one is given. The map statistics are fitted
+            again after ADTR+ training, on its normal training images.
         adtr_checkpoint: A trained ADTR checkpoint (Lightning ``.ckpt`` or a saved ``ADTRModel`` state dict)
             to start from. Loaded when training starts (not when a trained ADTR+ model is restored), without
             executing code from the file (``weights_only``).
@@ -86,6 +86,7 @@ class ADTRPlus(ADTRLightningMixin, AnomalibModule):
         weights: str | None = None,
         feature_stride: int = 16,
         patch_size: int = 1,
+        reconstructor: ReconstructorKind = "transformer",
         hidden_dim: int = 256,
         num_encoder_layers: int = 4,
         num_decoder_layers: int = 4,

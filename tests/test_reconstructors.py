@@ -1,0 +1,91 @@
+"""The reconstructor: projections as convolutions, and the paper's Table 4 ablations as model options."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+from adtr_anomalib import ADTR, ADTRPlus
+from adtr_anomalib.models.adtr.torch_model import RECONSTRUCTORS, ADTRModel, ADTRReconstructor
+from tests.conftest import TINY
+
+SIZE = (64, 128)  # a 4x8 token grid at stride 16: the CNN's bottleneck halves it twice
+
+
+def _reference(reconstructor: ADTRReconstructor, features: torch.Tensor) -> torch.Tensor:
+    """The projections as the paper writes them: per-token Linear layers around pixel_unshuffle/pixel_shuffle."""
+    batch, _, height, width = features.shape
+    patch = reconstructor.patch_size
+    tokens = reconstructor.input_proj(F.pixel_unshuffle(features, patch).flatten(2).transpose(1, 2))
+    out = reconstructor.output_proj(reconstructor.mix(tokens))
+    return F.pixel_shuffle(out.transpose(1, 2).reshape(batch, -1, height // patch, width // patch), patch)
+
+
+@pytest.mark.parametrize("patch_size", [1, 2])
+def test_projections_as_convolutions_equal_the_linear_layers(patch_size: int) -> None:
+    reconstructor = ADTRReconstructor(24, 32 // patch_size**2, patch_size=patch_size, **TINY).eval()
+    for layer in (reconstructor.input_proj, reconstructor.output_proj):
+        nn.init.normal_(layer.bias)  # a per-position bias in the output: a wrongly tiled one shows
+    features = torch.randn(2, 24, 4, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(reconstructor(features), _reference(reconstructor, features), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", RECONSTRUCTORS)
+def test_every_reconstructor_rebuilds_features_and_scores_images(kind: str) -> None:
+    model = ADTRModel("tf_efficientnet_lite0", pre_trained=False, input_size=SIZE, reconstructor=kind, **TINY)
+    model.train()
+    features, reconstruction = model(torch.rand(2, 3, *SIZE))
+    assert reconstruction.shape == features.shape == (2, 512, 4, 8)
+    reconstruction.square().mean().backward()
+    trained = [name for name, p in model.reconstructor.named_parameters() if p.grad is not None and p.grad.any()]
+    assert "input_proj.weight" in trained
+    assert "output_proj.weight" in trained
+    out = model.eval()(torch.rand(2, 3, *SIZE))
+    assert out.anomaly_map.shape == (2, 1, *SIZE)
+    assert torch.isfinite(out.pred_score).all()
+
+
+def test_ablations_remove_what_they_name() -> None:
+    def built(kind: str) -> ADTRReconstructor:
+        return ADTRModel(
+            "tf_efficientnet_lite0", pre_trained=False, input_size=SIZE, reconstructor=kind, **TINY
+        ).reconstructor
+
+    def attention(module: nn.Module) -> int:
+        return sum(isinstance(m, nn.MultiheadAttention) for m in module.modules())
+
+    full, no_query, mlp, cnn = (built(kind) for kind in ("transformer", "no_query", "mlp", "cnn"))
+    assert hasattr(full, "query_embed")
+    assert attention(full) == attention(no_query) == 3  # encoder self, decoder self and cross
+    assert not hasattr(no_query, "query_embed")
+    assert attention(mlp) == attention(cnn) == 0
+    assert not any(isinstance(m, nn.Conv2d) for m in mlp.modules())
+    assert sum(isinstance(m, nn.Conv2d) for m in cnn.modules()) == 2
+
+
+def test_without_query_the_decoder_starts_from_the_encoder_output() -> None:
+    reconstructor = ADTRReconstructor(24, 32, kind="no_query", **TINY).eval()
+    seen = []
+    reconstructor.decoder[0].register_forward_hook(lambda _module, inputs, _output: seen.append(inputs))
+    tokens = torch.randn(2, 32, 32)
+    with torch.no_grad():
+        reconstructor.mix(tokens)
+        memory = reconstructor.encoder[0](tokens, reconstructor.pos_embed)
+    queries, decoder_memory, _pos = seen[0]
+    torch.testing.assert_close(queries, memory)
+    torch.testing.assert_close(decoder_memory, memory)
+
+
+@pytest.mark.parametrize("module", [ADTR, ADTRPlus])
+def test_lightning_modules_build_and_restore_the_chosen_reconstructor(module: type) -> None:
+    first = module(backbone="tf_efficientnet_lite0", pre_trained=False, reconstructor="cnn", **TINY)
+    assert first.hparams.reconstructor == "cnn"
+    assert first.model.reconstructor.kind == "cnn"
+    restored = module(**first.hparams)
+    restored.load_state_dict(first.state_dict())  # strict: the same parameters
+    other = module(backbone="tf_efficientnet_lite0", pre_trained=False, reconstructor="mlp", **TINY)
+    with pytest.raises(RuntimeError, match="mixer"):
+        other.load_state_dict(first.state_dict())
