@@ -199,7 +199,8 @@ def test_checkpoint_from_before_feature_statistics_loads_as_identity(tmp_path: P
 def test_bf16_only_where_the_hardware_computes_it(monkeypatch: pytest.MonkeyPatch) -> None:
     model = tiny_adtr(pre_trained=False)
     dtypes = []
-    model.model.reconstructor.input_proj.register_forward_hook(lambda _m, _i, out: dtypes.append(out.dtype))
+    first_linear = model.model.reconstructor.encoder[0].ffn.net[0]  # the projections run as F.conv2d: no hook
+    first_linear.register_forward_hook(lambda _m, _i, out: dtypes.append(out.dtype))
     features = torch.randn(2, *model.model.extract_features(torch.rand(1, 3, 32, 32)).shape[1:])
     monkeypatch.setattr(base, "native_bf16", lambda _device: False)
     model.reconstruct_for_training(features)
