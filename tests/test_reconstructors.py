@@ -19,7 +19,7 @@ def _reference(reconstructor: ADTRReconstructor, features: torch.Tensor) -> torc
     batch, _, height, width = features.shape
     patch = reconstructor.patch_size
     tokens = reconstructor.input_proj(F.pixel_unshuffle(features, patch).flatten(2).transpose(1, 2))
-    out = reconstructor.output_proj(reconstructor.mix(tokens))
+    out = reconstructor.output_proj(reconstructor.mix(tokens, (height // patch, width // patch)))
     return F.pixel_shuffle(out.transpose(1, 2).reshape(batch, -1, height // patch, width // patch), patch)
 
 
@@ -72,7 +72,7 @@ def test_without_query_the_decoder_starts_from_the_encoder_output() -> None:
     reconstructor.decoder[0].register_forward_hook(lambda _module, inputs, _output: seen.append(inputs))
     tokens = torch.randn(2, 32, 32)
     with torch.no_grad():
-        reconstructor.mix(tokens)
+        reconstructor.mix(tokens, (4, 8))
         memory = reconstructor.encoder[0](tokens, reconstructor.pos_embed)
     queries, decoder_memory, _pos = seen[0]
     torch.testing.assert_close(queries, memory)

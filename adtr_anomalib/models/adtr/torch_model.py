@@ -142,7 +142,6 @@ class ADTRReconstructor(nn.Module):
         kind: ``"transformer"`` (ADTR), or one of the paper's ablations (Table 4): ``"no_query"`` (the decoder
             starts from the encoder output, so it can learn to copy), ``"mlp"`` (the encoder and decoder layers'
             feed-forward blocks, no attention) or ``"cnn"`` (a convolutional autoencoder on the token grid).
-        grid: ``(rows, columns)`` of the token grid; only ``"cnn"`` needs it (``num_tokens`` in one row otherwise).
     """
 
     def __init__(
@@ -158,7 +157,6 @@ class ADTRReconstructor(nn.Module):
         feature_jitter: float = 0.0,
         patch_size: int = 1,
         kind: ReconstructorKind = "transformer",
-        grid: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         self.feature_jitter = feature_jitter
@@ -166,8 +164,9 @@ class ADTRReconstructor(nn.Module):
         self.kind = kind
         self.input_proj = nn.Linear(in_channels * patch_size**2, hidden_dim)
         self.output_proj = nn.Linear(hidden_dim, in_channels * patch_size**2)
-        self.pos_embed = nn.Parameter(torch.empty(1, num_tokens, hidden_dim))
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if kind != "cnn":  # convolutions know positions; an unused parameter would also stall DDP
+            self.pos_embed = nn.Parameter(torch.empty(1, num_tokens, hidden_dim))
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if kind == "transformer":
             self.query_embed = nn.Parameter(torch.empty(1, num_tokens, hidden_dim))
             nn.init.trunc_normal_(self.query_embed, std=0.02)
@@ -183,7 +182,6 @@ class ADTRReconstructor(nn.Module):
             self.mixer = nn.Sequential(*(_FeedForward(hidden_dim, ffn_dim, dropout) for _ in range(sum(layers))))
         else:
             self.mixer = _ConvAutoencoder(hidden_dim, dropout)
-        self.grid = grid or (1, num_tokens)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Reconstruct ``(B, C, h, w)`` features.
@@ -203,17 +201,22 @@ class ADTRReconstructor(nn.Module):
         # not the C * p * p-wide features (their transposes took a tenth of OpenVINO's time at batch 16).
         weight = self.input_proj.weight.view(-1, channels, patch, patch)
         tokens = F.conv2d(features, weight, self.input_proj.bias, stride=patch).flatten(2).transpose(1, 2)
-        grid = self.mix(tokens).transpose(1, 2).reshape(batch, -1, height // patch, width // patch)
+        grid = (
+            self.mix(tokens, (height // patch, width // patch))
+            .transpose(1, 2)
+            .reshape(batch, -1, height // patch, width // patch)
+        )
         weight = self.output_proj.weight.t().reshape(-1, channels, patch, patch)
         # The bias differs per position within a patch, so it is tiled over the grid, not a per-channel bias.
         bias = self.output_proj.bias.view(1, channels, patch, patch).repeat(1, 1, height // patch, width // patch)
         return F.conv_transpose2d(grid, weight, stride=patch) + bias
 
-    def mix(self, tokens: torch.Tensor) -> torch.Tensor:
+    def mix(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Rebuild ``(B, N, hidden_dim)`` tokens with the chosen ``kind`` of network.
 
         Args:
             tokens: The projected input tokens.
+            grid: ``(rows, columns)`` of the tokens (``N = rows * columns``), for ``"cnn"``.
 
         Returns:
             The rebuilt tokens, the same shape.
@@ -221,8 +224,7 @@ class ADTRReconstructor(nn.Module):
         if self.kind == "mlp":
             return self.mixer(tokens + self.pos_embed)
         if self.kind == "cnn":
-            grid = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *self.grid)
-            return self.mixer(grid).flatten(2).transpose(1, 2)
+            return self.mixer(tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *grid)).flatten(2).transpose(1, 2)
         memory = tokens
         for layer in self.encoder:
             memory = layer(memory, self.pos_embed)
@@ -334,7 +336,6 @@ class ADTRModel(nn.Module):
             feature_jitter=feature_jitter,
             patch_size=patch_size,
             kind=reconstructor,
-            grid=(self.feature_grid[0] // patch_size, self.feature_grid[1] // patch_size),
         )
         self.normalize_features = normalize_features
         # Per-channel statistics of the training features. Always present (identity until fitted), so a
