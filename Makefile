@@ -19,7 +19,7 @@ demo: $(STAMP)
 
 ## test: lint, run the test suite and execute every notebook (offline)
 test: $(STAMP) lint
-	HF_HUB_OFFLINE=1 $(PY) -m pytest tests --nbmake notebooks --nbmake-timeout=900
+	HF_HUB_OFFLINE=1 $(PY) -m pytest tests --nbmake notebooks --nbmake-timeout=900 --durations=25
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -22,12 +22,9 @@ import csv
 import itertools
 import math
 import os
-import platform
-import subprocess
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -39,6 +36,8 @@ from torch.nn import functional as F  # noqa: N812
 from torchmetrics.functional.classification import binary_auroc
 
 from adtr_anomalib import ADTR
+from adtr_anomalib.benchmark import measure
+from adtr_anomalib.benchmark.report import append_csv
 from adtr_anomalib.data import default_dataset_root, make_texture_dataset, mvtec_layout_folder
 from adtr_anomalib.models.adtr.anomaly_map import AnomalyMapGenerator
 from adtr_anomalib.models.adtr.loss import ADTRLoss
@@ -405,13 +404,9 @@ def recipe_settings(recipe: Recipe) -> dict[str, Any]:
 
 
 def provenance() -> dict[str, str]:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
-    return {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        "commit": commit.stdout.strip() or "unknown",
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, {'bf16' if BF16 else 'fp32'} training",
-    }
+    """The benchmark's provenance, with the training precision (bf16 where the CPU computes it natively)."""
+    stamp = measure.provenance()
+    return {**stamp, "machine": f"{stamp['machine']}, {'bf16' if BF16 else 'fp32'} training"}
 
 
 def main() -> None:
@@ -451,30 +446,11 @@ def main() -> None:
 
 def write_rows(path: Path, dataset: str, recipe: str, seed: int, settings: str, rows: list[dict[str, Any]]) -> None:
     """Append one run's rows; earlier rows keep their values (new columns are added to the header)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     records = [
         {"dataset": dataset, "recipe": recipe, "seed": seed, **row, **provenance(), "settings": settings}
         for row in rows
     ]
-    columns = list(records[0])
-    if path.exists():
-        with path.open(newline="") as handle:
-            reader = csv.DictReader(handle)
-            header, earlier = list(reader.fieldnames or []), list(reader)
-        added = [column for column in columns if column not in header]
-        if added:  # a run with new columns: the file gets them (empty in earlier rows); no value changes
-            header = [*header[: header.index("date")], *added, *header[header.index("date") :]]
-            with path.open("w", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=header)
-                writer.writeheader()
-                writer.writerows(earlier)
-        columns = header
-    new = not path.exists()
-    with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        if new:
-            writer.writeheader()
-        writer.writerows(records)
+    append_csv(records, path)
 
 
 if __name__ == "__main__":

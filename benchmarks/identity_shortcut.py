@@ -19,14 +19,8 @@ A zero-output model (error = feature energy) and a copy model (error 0) are scor
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import shlex
-import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
@@ -36,6 +30,7 @@ from torch.nn import functional as F  # noqa: N812
 from torchmetrics.functional.classification import binary_auroc
 from torchvision.io import ImageReadMode, decode_image
 
+from adtr_anomalib.benchmark.measure import provenance
 from adtr_anomalib.data import make_texture_dataset
 from adtr_anomalib.models.adtr.torch_model import ADTRModel, ADTRReconstructor
 
@@ -172,16 +167,6 @@ def run(texture: str, tokens: TokenSet, steps: int, seed: int, lrs: dict[str, fl
     rows.append({"reconstructor": "zero output", **score(token_errors(None, tokens.test), tokens)})
     rows.append({"reconstructor": "copy input", **score(torch.zeros_like(tokens.anomalous, dtype=torch.float), tokens)})
     return [{"texture": texture, "seed": seed, "steps": steps, **row} for row in rows]
-
-
-def provenance() -> dict[str, str]:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
-    return {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        "commit": commit.stdout.strip() or "unknown",
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
-        "command": shlex.join(["python", *sys.argv]),
-    }
 
 
 def main() -> None:

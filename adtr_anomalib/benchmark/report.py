@@ -94,6 +94,26 @@ def write_csv(rows: Sequence[dict[str, Any]], folder: Path, name: str = "results
     return path
 
 
+def append_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Add ``rows`` to the CSV at ``path``, keeping every earlier row (a log of runs, unlike :func:`write_csv`).
+
+    Columns new to the file are added, empty in the earlier rows; no earlier value changes.
+
+    Args:
+        rows: Result rows, at least one.
+        path: CSV file; created (with its folder) if missing.
+
+    Returns:
+        ``path``.
+    """
+    table = pd.DataFrame(list(rows))
+    if path.exists():
+        table = pd.concat([pd.read_csv(path, dtype=str, keep_default_na=False), table.astype(str)], ignore_index=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(path, index=False)
+    return path
+
+
 def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per dataset and model: the mean over its successful seeds, and their sample std (n - 1).
 

@@ -11,8 +11,6 @@ import gc
 import io
 import json
 import math
-import os
-import platform
 import re
 import sys
 import time
@@ -29,7 +27,7 @@ from jsonargparse import Namespace
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.trainer.states import TrainerFn
 
-from adtr_anomalib.benchmark.measure import fastest_seconds, peak_memory, timed
+from adtr_anomalib.benchmark.measure import fastest_seconds, machine, peak_memory, timed
 from adtr_anomalib.benchmark.models import METRICS, build_model
 from adtr_anomalib.benchmark.plan import Job, plan, with_training_anomalies
 from adtr_anomalib.benchmark.report import (
@@ -259,24 +257,6 @@ def measure_throughput(model: AnomalibModule, image_size: int, batch_size: int =
     images = torch.rand(batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     images = images.to(model.device)
     return batch_size / fastest_seconds(lambda: model(images))
-
-
-def machine() -> str:
-    """The machine in one line, for the report."""
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    text = cpuinfo.read_text() if cpuinfo.exists() else ""
-    if found := re.search(r"model name\s*:\s*(.+)", text):
-        cpu = found.group(1).strip()
-    # What decides bf16 and INT8 speed on a CPU (the matrix extensions OpenVINO and oneDNN use).
-    extensions = [name for name in ("avx512_vnni", "avx512_bf16", "amx_tile") if re.search(rf"\b{name}\b", text)]
-    if text:
-        cpu += f"; {', '.join(extensions) or 'no AVX-512 VNNI/BF16 or AMX'}"
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (
-        f"{os.cpu_count()} CPUs ({cpu}), {gpu}; torch {torch.__version__} with {torch.get_num_threads()} threads; "
-        f"MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', 'unset')}"
-    )
 
 
 def _report(records: list[dict[str, Any]], folder: Path, settings: Namespace) -> int:
