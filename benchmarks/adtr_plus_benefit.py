@@ -142,11 +142,12 @@ def run(root: Path, seed: int, budget: Budget, arms: tuple[str, ...] = ARMS[:3],
     """Train the shared ADTR start for ``seed``, then every arm from it; one row per arm."""
     torch.manual_seed(seed)
     start = build(ADTR, None)
-    train(start, datamodule(root, "ADTR continued", move, seed), budget.pretrain_steps, seed)
-    state = {key: value.clone() for key, value in start.model.state_dict().items()}
+    normal = datamodule(root, "ADTR continued", move, seed)
+    train(start, normal, budget.pretrain_steps, seed)
+    state = start.model.state_dict()  # the start trains no further; each arm loads a copy
     rows = []
     for arm in arms:
-        data = datamodule(root, arm, move, seed)
+        data = normal if arm == "ADTR continued" else datamodule(root, arm, move, seed)
         model = build(ADTR if arm == "ADTR continued" else ADTRPlus, state)
         torch.manual_seed(seed)  # the same random stream (confetti aside) for every arm
         train(model, data, budget.steps, seed + 1, cache=arm != "ADTR+ confetti")

@@ -108,7 +108,8 @@ def append_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     """
     table = pd.DataFrame(list(rows))
     if path.exists():
-        table = pd.concat([pd.read_csv(path, dtype=str, keep_default_na=False), table.astype(str)], ignore_index=True)
+        # Earlier rows are read as text, so they are written back exactly as they were.
+        table = pd.concat([pd.read_csv(path, dtype=str, keep_default_na=False), table], ignore_index=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(path, index=False)
     return path
