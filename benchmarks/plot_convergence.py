@@ -6,7 +6,9 @@ mean, standard deviation and range over seeds at every evaluated epoch.
 
     python benchmarks/plot_convergence.py --x epoch --peers benchmarks/results/peers/results.csv
 
-It also writes ``--comparison``: the recipes ``fast`` and ``fast_stride8`` side by side with the peers (README).
+It also writes ``--comparison``: the recipes ``fast`` and ``fast_stride8`` side by side with the peers (README),
+when the curves have both; and with ``--table``, every recipe's metrics at every evaluated epoch (mean and range
+over seeds) as Markdown.
 """
 
 from __future__ import annotations
@@ -207,6 +209,22 @@ def recipe_table(summary: list[dict[str, object]], peer_rows: dict) -> str:
     return "\n".join(lines)
 
 
+def epoch_table(summary: list[dict[str, object]]) -> str:
+    """Markdown: every data set, recipe and evaluated epoch; each metric's mean over seeds and its range."""
+
+    def cell(entry: dict[str, object], column: str) -> str:
+        return f"{entry[f'{column}_mean']:.3f} ({entry[f'{column}_min']:.3f}-{entry[f'{column}_max']:.3f})"
+
+    lines = [
+        "| data set | recipe | epoch | seeds | " + " | ".join(title for _, title in METRICS) + " |",
+        "|---|---|---|---|" + "---|" * len(METRICS),
+    ]
+    for entry in summary:
+        cells = [str(entry[k]) for k in ("dataset", "recipe", "epoch", "seeds")]
+        lines.append("| " + " | ".join([*cells, *(cell(entry, column) for column, _ in METRICS)]) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--curves", type=Path, default=Path("benchmarks/results/convergence.csv"))
@@ -224,18 +242,29 @@ def main() -> None:
         "--comparison",
         type=Path,
         default=Path("benchmarks/results/recipe_comparison.md"),
-        help="Markdown table of the two recommended recipes with the peers",
+        help="Markdown table of the two recommended recipes with the peers (when the curves have both)",
     )
+    parser.add_argument("--recipes", nargs="+", help="only these arms of convergence.py (default: every one)")
+    parser.add_argument("--table", type=Path, help="also write every recipe's metrics per epoch as Markdown here")
     args = parser.parse_args()
     summary = summarise(read(args.curves))
+    if args.recipes:
+        summary = [e for e in summary if e["recipe"] in args.recipes]
     with args.summary.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(k for e in summary for k in e)))
         writer.writeheader()
         writer.writerows(summary)
     peer_rows = peers(args.peers)
     plot(summary, peer_rows, args.figure, args.x)
-    args.comparison.write_text(recipe_table(summary, peer_rows) + "\n")
-    print(f"wrote {args.summary}, {args.figure} and {args.comparison}")
+    written = [args.summary, args.figure]
+    arms = {str(e["recipe"]) for e in summary}
+    if {STRIDE16["bsdata"][0], STRIDE16["texture"][0], STRIDE8[0]} <= arms:
+        args.comparison.write_text(recipe_table(summary, peer_rows) + "\n")
+        written.append(args.comparison)
+    if args.table is not None:
+        args.table.write_text(epoch_table(summary) + "\n")
+        written.append(args.table)
+    print("wrote " + ", ".join(map(str, written)))
 
 
 if __name__ == "__main__":

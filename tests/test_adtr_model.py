@@ -128,6 +128,7 @@ def test_normalisation_comes_from_the_backbone() -> None:
         ({"weight_decay": -1e-4}, r"weight_decay one >= 0"),
         ({"reconstructor": "lstm"}, r"reconstructor must be one of \['transformer', 'no_query', 'mlp', 'cnn'\]"),
         ({"reconstructor": "cnn", "patch_size": 8}, r"reconstructor 'cnn' .* multiples of 4; got 2x2"),
+        ({"attention_dropout": "heads"}, r"attention_dropout must be one of \['weights', 'keys'\], got 'heads'"),
     ],
     ids=[
         "unknown backbone",
@@ -141,6 +142,7 @@ def test_normalisation_comes_from_the_backbone() -> None:
         "negative weight decay",
         "unknown reconstructor",
         "token grid too small for the CNN",
+        "unknown attention dropout",
     ],
 )
 def test_bad_configuration_is_rejected_up_front(kwargs: dict, message: str) -> None:

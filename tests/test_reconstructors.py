@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from adtr_anomalib import ADTR, ADTRPlus
-from adtr_anomalib.models.adtr.torch_model import RECONSTRUCTORS, ADTRModel, ADTRReconstructor
+from adtr_anomalib.models.adtr.torch_model import RECONSTRUCTORS, ADTRModel, ADTRReconstructor, _Attention
 from tests.conftest import TINY
 
 SIZE = (64, 128)  # a 4x8 token grid at stride 16: the CNN's bottleneck halves it twice
@@ -89,3 +89,52 @@ def test_lightning_modules_build_and_restore_the_chosen_reconstructor(module: ty
     other = module(backbone="tf_efficientnet_lite0", pre_trained=False, reconstructor="mlp", **TINY)
     with pytest.raises(RuntimeError, match="mixer"):
         other.load_state_dict(first.state_dict())
+
+
+def _attention_rows(attention_dropout: str, dropout: float, *, training: bool) -> torch.Tensor:
+    """The attention weights of a 2-head layer over 8 keys, read off its output: ``(batch, heads, queries, keys)``.
+
+    Values and output projection are the identity and each key's value is its one-hot index (in each head's
+    slice), so every head's output row is its attention row.
+    """
+    torch.manual_seed(0)
+    layer = _Attention(16, 2, dropout, attention_dropout)  # type: ignore[arg-type]
+    with torch.no_grad():
+        layer.in_proj_weight[32:] = torch.eye(16)
+        layer.in_proj_bias.zero_()
+        layer.out_proj.weight.copy_(torch.eye(16))
+        layer.out_proj.bias.zero_()
+    layer.train(training)
+    queries = torch.randn(64, 5, 16)
+    values = torch.eye(8).repeat(1, 2).expand(64, -1, -1)
+    with torch.no_grad():
+        out = layer(queries, torch.randn(64, 8, 16), values)
+    return out.view(64, 5, 2, 8).transpose(1, 2)
+
+
+def test_key_dropout_drops_whole_keys_per_image_and_head_and_only_in_training() -> None:
+    rows = _attention_rows("keys", 0.5, training=True)
+    dropped = rows == 0
+    assert 0.3 < dropped.float().mean() < 0.7  # about half of the keys, at dropout 0.5
+    assert (dropped == dropped[:, :, :1]).all()  # the same keys for every query of an image and head
+    assert (dropped[:, 0] != dropped[:, 1]).any()  # drawn per head
+    torch.testing.assert_close(rows.sum(-1), torch.ones(64, 2, 5))  # the softmax renormalises: no NaN, no rescale
+    # Single weights dropped (the paper's, PyTorch's own): zeros differ between queries, kept weights are rescaled.
+    weights = _attention_rows("weights", 0.5, training=True)
+    assert ((weights == 0) != (weights == 0)[:, :, :1]).any()
+    assert (weights.sum(-1) - 1).abs().max() > 0.1
+    evaluated = _attention_rows("keys", 0.5, training=False)
+    torch.testing.assert_close(evaluated, _attention_rows("weights", 0.5, training=False))
+
+
+def test_key_dropout_trains_the_same_network() -> None:
+    kwargs = {"in_channels": 24, "num_tokens": 32, **TINY, "dropout": 0.1}
+    by_keys = ADTRReconstructor(attention_dropout="keys", **kwargs)
+    by_weights = ADTRReconstructor(**kwargs)
+    assert by_keys.state_dict().keys() == by_weights.state_dict().keys()  # checkpoints load either way
+    by_keys.load_state_dict(by_weights.state_dict())
+    features = torch.randn(2, 24, 4, 8)
+    by_keys(features).square().mean().backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in by_keys.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(by_keys.eval()(features), by_weights.eval()(features))

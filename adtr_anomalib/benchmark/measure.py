@@ -154,11 +154,23 @@ def machine() -> str:
 
 
 def provenance() -> dict[str, str]:
-    """Where a row of results comes from: UTC date, git commit, machine and the command that wrote it."""
+    """Where a row of results comes from: UTC date, git commit, machine and the command that wrote it.
+
+    The commit gets ``+changes`` when tracked code or configs differ from it (results files and docs do not
+    count): the row then comes from code that no commit holds.
+    """
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
+    code = ["*.py", "*.ipynb", "pyproject.toml", "configs"]
+    changed = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no", "--", *code],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    stamp = commit.stdout.strip() or "unknown"
     return {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        "commit": commit.stdout.strip() or "unknown",
+        "commit": f"{stamp}+changes" if stamp != "unknown" and changed.stdout.strip() else stamp,
         "machine": machine(),
         "command": shlex.join(["python", *sys.argv]),
     }

@@ -64,6 +64,7 @@ ARCHITECTURE_ARGUMENTS = (
 MODEL_ARGUMENTS = (
     *ARCHITECTURE_ARGUMENTS,
     "dropout",
+    "attention_dropout",
     "pooling_kernel",
     "map_layers",
     "feature_jitter",

@@ -25,7 +25,7 @@ from adtr_anomalib.models.base import ADTRLightningMixin
 from adtr_anomalib.models.training import LRSchedule, Recipe, check_finite
 
 from .loss import ADTRLoss, LossReduction
-from .torch_model import DEFAULT_LAYERS, ReconstructorKind
+from .torch_model import DEFAULT_LAYERS, AttentionDropout, ReconstructorKind
 
 __all__ = ["ADTR"]
 
@@ -55,6 +55,10 @@ class ADTR(ADTRLightningMixin, AnomalibModule):
         num_heads: Attention heads.
         ffn_dim: Feed-forward width.
         dropout: Dropout in attention and feed-forward layers.
+        attention_dropout: What attention dropout drops in training: ``"weights"`` (paper: each attention weight on
+            its own) or ``"keys"``: whole keys per image and head, masked before the softmax (DropKey), which lets
+            PyTorch's fused attention kernel run: about 1.5x faster training with ``dropout=0.1`` on a CPU (see the
+            README's training-speed table). Inference is the same in both.
         pooling_kernel: Average-pooling window (pixels) for the image score.
         map_layers: Stages whose reconstruction error forms the pixel anomaly map (``None``: all of ``layers``, as
             in the paper); the image score keeps the map of all stages.
@@ -106,6 +110,7 @@ class ADTR(ADTRLightningMixin, AnomalibModule):
         num_heads: int = 8,
         ffn_dim: int = 1024,
         dropout: float = 0.1,
+        attention_dropout: AttentionDropout = "weights",
         pooling_kernel: int = 16,
         map_layers: Sequence[str] | None = None,
         feature_jitter: float = 0.0,

@@ -36,10 +36,40 @@ DEFAULT_LAYERS: tuple[str, ...] = ("blocks.0", "blocks.1", "blocks.2", "blocks.4
 # attention"), or a plain convolutional autoencoder.
 ReconstructorKind = Literal["transformer", "no_query", "mlp", "cnn"]
 RECONSTRUCTORS: tuple[str, ...] = get_args(ReconstructorKind)
+# How attention dropout drops in training: "weights" (paper; PyTorch's own: each attention weight alone, which needs
+# PyTorch's unfused attention and one random number per weight) or "keys": whole keys per image and head, masked
+# before the softmax (DropKey, Li et al., CVPR 2023), which PyTorch's fused attention kernel accepts as a mask.
+AttentionDropout = Literal["weights", "keys"]
+ATTENTION_DROPOUTS: tuple[str, ...] = get_args(AttentionDropout)
 # Buffers of ADTRModel that hold the per-channel feature statistics (``normalize_features``).
 FEATURE_STATISTICS: tuple[str, ...] = ("feature_mean", "feature_std", "feature_statistics_fitted")
 # Buffers of ADTRModel that hold the per-pixel statistics of the training images' anomaly maps (``normalize_map``).
 MAP_STATISTICS: tuple[str, ...] = ("map_mean", "map_std", "map_statistics_fitted")
+
+
+class _Attention(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` (batch first, same parameters) whose dropout can drop whole keys instead of weights.
+
+    ``attention_dropout="keys"`` hands PyTorch an additive mask of ``-inf`` on each dropped key, one draw per image,
+    head and key, so the fused attention kernel runs: it refuses dropout of single weights, and drawing one number
+    per weight costs more than the attention's matrix products on a CPU. Only in training; inference is unchanged.
+    """
+
+    def __init__(self, hidden_dim: int, num_heads: int, dropout: float, attention_dropout: AttentionDropout) -> None:
+        weights = attention_dropout == "weights"
+        super().__init__(hidden_dim, num_heads, dropout=dropout if weights else 0.0, batch_first=True)
+        self.key_dropout = 0.0 if weights else dropout
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """Attend from ``query`` to ``key``/``value`` (``(B, N, hidden_dim)`` each); only the output is returned."""
+        mask = None
+        if self.training and self.key_dropout > 0:
+            batch, queries, keys = query.shape[0], query.shape[1], key.shape[1]
+            dropped = torch.rand(batch * self.num_heads, 1, keys, device=query.device) < self.key_dropout
+            dropped &= ~dropped.all(dim=-1, keepdim=True)  # a query with no key left would give NaN: keep them all
+            mask = torch.zeros(dropped.shape, dtype=query.dtype, device=query.device)
+            mask = mask.masked_fill_(dropped, float("-inf")).expand(-1, queries, -1)
+        return super().forward(query, key, value, attn_mask=mask, need_weights=False)[0]
 
 
 class _EncoderLayer(nn.Module):
@@ -49,26 +79,29 @@ class _EncoderLayer(nn.Module):
     as DETR/UniAD (and ADTR) do, without also adding it to the values.
     """
 
-    def __init__(self, hidden_dim: int, num_heads: int, ffn_dim: int, dropout: float) -> None:
+    def __init__(
+        self, hidden_dim: int, num_heads: int, ffn_dim: int, dropout: float, attention_dropout: AttentionDropout
+    ) -> None:
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(hidden_dim, num_heads, dropout=dropout, batch_first=True)
+        self.self_attn = _Attention(hidden_dim, num_heads, dropout, attention_dropout)
         self.ffn = _FeedForward(hidden_dim, ffn_dim, dropout)
         self.norm = nn.LayerNorm(hidden_dim)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         query = tokens + pos
-        attended = self.self_attn(query, query, tokens, need_weights=False)[0]
-        return self.ffn(self.norm(tokens + self.dropout(attended)))
+        return self.ffn(self.norm(tokens + self.dropout(self.self_attn(query, query, tokens))))
 
 
 class _DecoderLayer(nn.Module):
     """Self-attention over the queries, cross-attention to the encoded features, then the FFN."""
 
-    def __init__(self, hidden_dim: int, num_heads: int, ffn_dim: int, dropout: float) -> None:
+    def __init__(
+        self, hidden_dim: int, num_heads: int, ffn_dim: int, dropout: float, attention_dropout: AttentionDropout
+    ) -> None:
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(hidden_dim, num_heads, dropout=dropout, batch_first=True)
-        self.cross_attn = nn.MultiheadAttention(hidden_dim, num_heads, dropout=dropout, batch_first=True)
+        self.self_attn = _Attention(hidden_dim, num_heads, dropout, attention_dropout)
+        self.cross_attn = _Attention(hidden_dim, num_heads, dropout, attention_dropout)
         self.ffn = _FeedForward(hidden_dim, ffn_dim, dropout)
         self.norm1 = nn.LayerNorm(hidden_dim)
         self.norm2 = nn.LayerNorm(hidden_dim)
@@ -77,8 +110,8 @@ class _DecoderLayer(nn.Module):
 
     def forward(self, queries: torch.Tensor, memory: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         q = queries + pos
-        queries = self.norm1(queries + self.dropout1(self.self_attn(q, q, queries, need_weights=False)[0]))
-        attended = self.cross_attn(queries + pos, memory + pos, memory, need_weights=False)[0]
+        queries = self.norm1(queries + self.dropout1(self.self_attn(q, q, queries)))
+        attended = self.cross_attn(queries + pos, memory + pos, memory)
         return self.ffn(self.norm2(queries + self.dropout2(attended)))
 
 
@@ -142,6 +175,8 @@ class ADTRReconstructor(nn.Module):
         kind: ``"transformer"`` (ADTR), or one of the paper's ablations (Table 4): ``"no_query"`` (the decoder
             starts from the encoder output, so it can learn to copy), ``"mlp"`` (the encoder and decoder layers'
             feed-forward blocks, no attention) or ``"cnn"`` (a convolutional autoencoder on the token grid).
+        attention_dropout: ``"weights"`` (paper) or ``"keys"``: what attention dropout drops (see
+            :class:`_Attention`); the feed-forward and residual dropouts are the same in both.
     """
 
     def __init__(
@@ -157,6 +192,7 @@ class ADTRReconstructor(nn.Module):
         feature_jitter: float = 0.0,
         patch_size: int = 1,
         kind: ReconstructorKind = "transformer",
+        attention_dropout: AttentionDropout = "weights",
     ) -> None:
         super().__init__()
         self.feature_jitter = feature_jitter
@@ -173,10 +209,10 @@ class ADTRReconstructor(nn.Module):
         layers = num_encoder_layers, num_decoder_layers
         if kind in {"transformer", "no_query"}:
             self.encoder = nn.ModuleList(
-                _EncoderLayer(hidden_dim, num_heads, ffn_dim, dropout) for _ in range(layers[0])
+                _EncoderLayer(hidden_dim, num_heads, ffn_dim, dropout, attention_dropout) for _ in range(layers[0])
             )
             self.decoder = nn.ModuleList(
-                _DecoderLayer(hidden_dim, num_heads, ffn_dim, dropout) for _ in range(layers[1])
+                _DecoderLayer(hidden_dim, num_heads, ffn_dim, dropout, attention_dropout) for _ in range(layers[1])
             )
         elif kind == "mlp":
             self.mixer = nn.Sequential(*(_FeedForward(hidden_dim, ffn_dim, dropout) for _ in range(sum(layers))))
@@ -263,6 +299,8 @@ class ADTRModel(nn.Module):
             or ``"cnn"`` (see :class:`ADTRReconstructor`).
         hidden_dim, num_encoder_layers, num_decoder_layers, num_heads, ffn_dim, dropout: Transformer
             sizes. Paper: 256, 4, 4, 8, 1024, 0.1.
+        attention_dropout: What attention dropout drops in training: ``"weights"`` (paper) or ``"keys"``, whole keys
+            per image and head, which lets PyTorch's fused attention run (see :class:`ADTRReconstructor`).
         pooling_kernel: Averaging window for the image score, in pixels. UniAD: 16.
         map_layers: Stages whose reconstruction error forms the pixel anomaly map; ``None`` is all of ``layers``
             (paper). The network still reconstructs every stage and the image score still comes from the map of
@@ -295,6 +333,7 @@ class ADTRModel(nn.Module):
         num_heads: int = 8,
         ffn_dim: int = 1024,
         dropout: float = 0.1,
+        attention_dropout: AttentionDropout = "weights",
         pooling_kernel: int = 16,
         map_layers: Sequence[str] | None = None,
         feature_jitter: float = 0.0,
@@ -315,6 +354,7 @@ class ADTRModel(nn.Module):
             num_heads,
             pooling_kernel,
             dropout,
+            attention_dropout,
             feature_jitter,
         )
         self.layers = layers
@@ -336,6 +376,7 @@ class ADTRModel(nn.Module):
             feature_jitter=feature_jitter,
             patch_size=patch_size,
             kind=reconstructor,
+            attention_dropout=attention_dropout,
         )
         self.normalize_features = normalize_features
         # Per-channel statistics of the training features. Always present (identity until fitted), so a
@@ -603,6 +644,7 @@ def _validate(
     num_heads: int,
     pooling_kernel: int,
     dropout: float,
+    attention_dropout: str,
     feature_jitter: float,
 ) -> list[int]:
     """Reject impossible settings before any weights are built or downloaded; return the stage indices."""
@@ -648,6 +690,9 @@ def _validate(
         raise ValueError(msg)
     if not 0.0 <= dropout < 1.0:
         msg = f"dropout must be in [0, 1), got {dropout}."
+        raise ValueError(msg)
+    if attention_dropout not in ATTENTION_DROPOUTS:
+        msg = f"attention_dropout must be one of {list(ATTENTION_DROPOUTS)}, got {attention_dropout!r}."
         raise ValueError(msg)
     if not 0.0 <= feature_jitter < float("inf"):
         msg = f"feature_jitter must be a finite number >= 0 (UniAD: 20), got {feature_jitter}."

@@ -33,7 +33,13 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
-from adtr_anomalib.models.adtr.torch_model import DEFAULT_LAYERS, FEATURE_STATISTICS, MAP_STATISTICS, ReconstructorKind
+from adtr_anomalib.models.adtr.torch_model import (
+    DEFAULT_LAYERS,
+    FEATURE_STATISTICS,
+    MAP_STATISTICS,
+    AttentionDropout,
+    ReconstructorKind,
+)
 from adtr_anomalib.models.base import ARCHITECTURE_ARGUMENTS, ADTRLightningMixin
 from adtr_anomalib.models.checkpoints import fill_statistics, plain
 from adtr_anomalib.models.training import LRSchedule, Recipe, check_finite
@@ -59,8 +65,8 @@ class ADTRPlus(ADTRLightningMixin, AnomalibModule):
 
     Args:
         backbone, layers, pre_trained, weights, feature_stride, patch_size, reconstructor, hidden_dim,
-        num_encoder_layers, num_decoder_layers, num_heads, ffn_dim, dropout, pooling_kernel, map_layers,
-        feature_jitter, normalize_features, normalize_map: as :class:`~adtr_anomalib.ADTR`; all but
+        num_encoder_layers, num_decoder_layers, num_heads, ffn_dim, dropout, attention_dropout, pooling_kernel,
+        map_layers, feature_jitter, normalize_features, normalize_map: as :class:`~adtr_anomalib.ADTR`; all but
             ``normalize_map`` must match the ADTR checkpoint when one is given. The map statistics are fitted
             again after ADTR+ training, on its normal training images.
         adtr_checkpoint: A trained ADTR checkpoint (Lightning ``.ckpt`` or a saved ``ADTRModel`` state dict)
@@ -93,6 +99,7 @@ class ADTRPlus(ADTRLightningMixin, AnomalibModule):
         num_heads: int = 8,
         ffn_dim: int = 1024,
         dropout: float = 0.1,
+        attention_dropout: AttentionDropout = "weights",
         pooling_kernel: int = 16,
         map_layers: Sequence[str] | None = None,
         feature_jitter: float = 0.0,
