@@ -103,6 +103,7 @@ RECIPES_TRIED: dict[str, Recipe] = {
     # The paper's recipe with whole keys dropped instead of single attention weights (fused attention): same
     # accuracy per step, at a cheaper step?
     "paper_keys": Recipe(attention_dropout="keys"),
+    "paper_no_dropout": Recipe(dropout=0.0),  # the control: how much dropout itself changes these runs
     "fast": FAST,
     "fast_full_map": FULL_MAP,
     "fast_no_norm": replace(FULL_MAP, normalize_features=False),  # what normalize_features buys
