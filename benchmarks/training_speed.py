@@ -4,10 +4,10 @@ One process measures, in this order: the float32 and bfloat16 matmul peaks (2048
 images/s of the reconstructor (forward, backward, AdamW step) on random features of the Lite0 shape (512
 channels, 16x16 tokens, batch 16) for the paper's configuration and for the "fast" recipe, the latter also on
 the stride-8 grid with 2x2 patch tokens (``feature_stride=8, patch_size=2``), and for the paper's configuration
-with ``attention_dropout="keys"``. FLOPs are counted by ``torch.utils.flop_counter`` over one real step, not
-estimated. Training runs in bf16 where the CPU computes it
-natively (``native_bf16``) and in float32 elsewhere, as ``ADTR(bf16=True)`` does; the percentage is of the peak
-of the precision that actually ran. The row "paper, bf16 forced" is the code path before this fix (bf16 autocast
+with ``attention_dropout="keys"``. The configurations' steps are timed in turns and the fastest step of each
+counts, so a busy spell on a shared machine does not favour one. FLOPs are counted by ``torch.utils.flop_counter``
+over one real step, not estimated. Training runs in bf16 where the CPU computes it natively (``native_bf16``) and
+in float32 elsewhere, as ``ADTR(bf16=True)`` does; the percentage is of the peak of the precision that ran. The row "paper, bf16 forced" is the code path before this fix (bf16 autocast
 on every CPU), run for one step.
 
     python benchmarks/training_speed.py
@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from adtr_anomalib.benchmark.measure import provenance
+from adtr_anomalib.benchmark.measure import fastest_interleaved, provenance, timed
 from adtr_anomalib.benchmark.report import append_csv
 from adtr_anomalib.models.adtr.loss import ADTRLoss
 from adtr_anomalib.models.adtr.torch_model import ADTRReconstructor
@@ -58,10 +60,10 @@ def training_step(
     optimizer.step()
 
 
-def measure(
-    dropout: float, jitter: float, bf16: bool, steps: int, patch: int = 1, attention_dropout: str = "weights"
-) -> tuple[float, float]:
-    """(images/s, GFLOP per image) of training steps with these settings.
+def prepare(
+    dropout: float, jitter: float, bf16: bool, patch: int = 1, attention_dropout: str = "weights"
+) -> tuple[Callable[[], None], float]:
+    """One configuration's training step, warmed up, and its GFLOP per image.
 
     ``patch`` 2 is the stride-8 grid (32x32 positions) with 2x2-position tokens: as many tokens as stride 16.
     """
@@ -82,36 +84,38 @@ def measure(
     # same products.
     with counter, sdpa_kernel(SDPBackend.MATH):
         training_step(reconstructor, optimizer, bf16, grid)
-    training_step(reconstructor, optimizer, bf16, grid)  # warm-up of the kernels that the timed steps use
-    started = time.perf_counter()
-    for _ in range(steps):
-        training_step(reconstructor, optimizer, bf16, grid)
-    seconds = time.perf_counter() - started
-    return steps * BATCH / seconds, counter.get_total_flops() / BATCH / 1e9
+    return partial(training_step, reconstructor, optimizer, bf16, grid), counter.get_total_flops() / BATCH / 1e9
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per configuration (batch 16)")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per configuration, in turns (batch 16)")
     parser.add_argument("--output", type=Path, help="append the rows to this CSV file")
     args = parser.parse_args()
     bf16 = native_bf16(torch.device("cpu"))
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     precision = "bf16" if bf16 else "fp32"
-    fast = RECIPES["fast"]
-    configurations = [
-        ("paper", 0.1, 0.0, bf16, args.steps, 1),
-        ("paper, attention_dropout='keys'", 0.1, 0.0, bf16, args.steps, 1, "keys"),
-        ("fast, stride 8 with 2x2 patch tokens", fast["dropout"], fast["feature_jitter"], bf16, args.steps, 2),
-        ("fast", fast["dropout"], fast["feature_jitter"], bf16, args.steps, 1),
-    ]
-    if not bf16:
-        configurations.insert(0, ("paper, bf16 forced (before the fix)", 0.1, 0.0, True, 1, 1))
+    fast = {"dropout": RECIPES["fast"]["dropout"], "jitter": RECIPES["fast"]["feature_jitter"], "bf16": bf16}
+    configurations: dict[str, dict] = {
+        "paper": {"dropout": 0.1, "jitter": 0.0, "bf16": bf16},
+        "paper, attention_dropout='keys'": {"dropout": 0.1, "jitter": 0.0, "bf16": bf16, "attention_dropout": "keys"},
+        "fast, stride 8 with 2x2 patch tokens": {**fast, "patch": 2},
+        "fast": fast,
+    }
     print(f"matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s; training in {precision}")
+    prepared = {name: prepare(**settings) for name, settings in configurations.items()}
+    # In turns, so that a busy spell on a shared machine slows every configuration alike; the fastest step of each.
+    fastest = fastest_interleaved([step for step, _ in prepared.values()], rounds=args.steps)
+    seconds = dict(zip(prepared, fastest, strict=True))
+    if not bf16:  # emulated bf16 is ~30x slower: one step, alone
+        name = "paper, bf16 forced (before the fix)"
+        configurations = {name: {"dropout": 0.1, "jitter": 0.0, "bf16": True}, **configurations}
+        prepared[name] = prepare(**configurations[name])
+        seconds[name] = timed(prepared[name][0])[1]
     rows = []
-    for name, dropout, jitter, use_bf16, steps, patch, *mode in configurations:
-        images_per_second, gflop = measure(dropout, jitter, use_bf16, steps, patch, *mode)
-        ran = "bf16" if use_bf16 else "fp32"
+    for name, settings in configurations.items():
+        gflop, images_per_second = prepared[name][1], BATCH / seconds[name]
+        ran = "bf16" if settings["bf16"] else "fp32"
         rate = images_per_second * gflop
         rows.append(
             {
