@@ -169,6 +169,30 @@ def run(texture: str, tokens: TokenSet, steps: int, seed: int, lrs: dict[str, fl
     return [{"texture": texture, "seed": seed, "steps": steps, **row} for row in rows]
 
 
+def report(table: pd.DataFrame) -> str:
+    """The README's Markdown table: means over seeds, the token AUROC's range, the linear weight's drift."""
+    lines = [
+        "| texture | reconstructor | normal error / energy | anomalous error / energy | token AUROC "
+        "| ‖W − I‖ / ‖I‖, start → end |",
+        "|---|---|---|---|---|---|",
+    ]
+    shown = table[table["reconstructor"] != "copy input"]  # its errors are all zero: no ratio to show
+    for (texture, name), rows in shown.groupby(["texture", "reconstructor"], sort=False):
+        auroc = rows["token_AUROC"]
+        label = name if pd.isna(rows["lr"].iloc[0]) else f"{name} (lr {rows['lr'].iloc[0]:g})"
+        drift = rows[["W_minus_I_start", "W_minus_I_end"]].mean()
+        cells = [
+            texture,
+            label,
+            f"{rows['normal_relative'].mean():.3f}",
+            f"{rows['anomalous_relative'].mean():.3f}",
+            f"{auroc.mean():.3f} ({auroc.min():.3f}–{auroc.max():.3f})",
+            "" if drift.isna().any() else f"{drift.iloc[0]:.3f} → {drift.iloc[1]:.3f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--textures", nargs="+", default=["brick", "grass"], choices=["brick", "grass", "gravel"])
@@ -176,7 +200,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400, help="optimiser steps for every reconstructor")
     parser.add_argument("--data", type=Path, default=Path("datasets/identity_shortcut"), help="where textures go")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/identity_shortcut.csv"))
+    parser.add_argument("--report", action="store_true", help="only write the Markdown table of --output again")
     args = parser.parse_args()
+    if args.report:
+        args.output.with_suffix(".md").write_text(report(pd.read_csv(args.output)))
+        return
     rows = []
     for texture in args.textures:
         root = make_texture_dataset(args.data, texture, image_size=SIZE, n_train=48, n_test_good=12,
@@ -190,6 +218,7 @@ def main() -> None:
     table = pd.DataFrame(rows).assign(**provenance())
     args.output.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.output, index=False)
+    args.output.with_suffix(".md").write_text(report(table))
     columns = ["normal_relative", "anomalous_relative", "token_AUROC", "W_minus_I_start", "W_minus_I_end"]
     summary = table.groupby(["texture", "reconstructor"], sort=False)[columns].agg(["mean", "min", "max"])
     print(summary.round(3).to_string())

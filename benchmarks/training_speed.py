@@ -7,8 +7,9 @@ the stride-8 grid with 2x2 patch tokens (``feature_stride=8, patch_size=2``), an
 with ``attention_dropout="keys"``. The configurations' steps are timed in turns and the fastest step of each
 counts, so a busy spell on a shared machine does not favour one. FLOPs are counted by ``torch.utils.flop_counter``
 over one real step, not estimated. Training runs in bf16 where the CPU computes it natively (``native_bf16``) and
-in float32 elsewhere, as ``ADTR(bf16=True)`` does; the percentage is of the peak of the precision that ran. The row "paper, bf16 forced" is the code path before this fix (bf16 autocast
-on every CPU), run for one step.
+in float32 elsewhere, as ``ADTR(bf16=True)`` does; the percentage is of the peak of the precision that ran. The
+row "paper, bf16 forced" (CPUs without native bf16 only) is the code path before that check (bf16 autocast on every
+CPU), run for one step.
 
     python benchmarks/training_speed.py
     python benchmarks/training_speed.py --steps 10 --output benchmarks/results/training_speed.csv
