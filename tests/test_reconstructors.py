@@ -138,3 +138,47 @@ def test_key_dropout_trains_the_same_network() -> None:
     assert all(p.grad is not None and p.grad.isfinite().all() for p in by_keys.parameters())
     with torch.no_grad():
         torch.testing.assert_close(by_keys.eval()(features), by_weights.eval()(features))
+
+
+def test_float32_attention_is_multihead_attention_with_the_same_parameters() -> None:
+    torch.manual_seed(0)
+    layer = _Attention(16, 2, 0.0, "keys").train()
+    query, key, value = (torch.randn(3, n, 16, requires_grad=True) for n in (5, 7, 7))
+    mask = torch.zeros(6, 5, 7)
+    mask[::2, :, 3] = float("-inf")  # one key masked in every other image-and-head
+    reference = nn.MultiheadAttention.forward(layer, query, key, value, attn_mask=mask, need_weights=False)[0]
+    ours = layer.attend_in_float32(query, key, value, mask)
+    torch.testing.assert_close(ours, reference)
+    grads = torch.autograd.grad(ours.square().sum(), (query, key, value, layer.in_proj_weight))
+    expected = torch.autograd.grad(reference.square().sum(), (query, key, value, layer.in_proj_weight))
+    for grad, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(grad, want)
+
+
+@pytest.mark.parametrize(
+    ("dropout", "attention_dropout", "float32_path"),
+    [(0.0, "weights", True), (0.1, "keys", True), (0.1, "weights", False)],
+)
+def test_cpu_bf16_training_attends_in_float32_unless_weights_are_dropped(
+    dropout: float, attention_dropout: str, float32_path: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under CPU bf16 autocast the attention runs in float32 (its fused backward is ~3x faster there); the paper's
+    per-weight dropout needs PyTorch's own path."""
+    torch.manual_seed(0)
+    layer = _Attention(16, 2, dropout, attention_dropout).train()  # type: ignore[arg-type]
+    calls = []
+    original = _Attention.attend_in_float32
+    monkeypatch.setattr(_Attention, "attend_in_float32", lambda self, *a: calls.append(1) or original(self, *a))
+    tokens = torch.randn(2, 6, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(tokens, tokens, tokens)
+    assert bool(calls) == float32_path
+    if dropout == 0.0:  # deterministic: the bf16 result is the float32 one up to bf16 rounding
+        with torch.no_grad():
+            torch.testing.assert_close(out.float(), layer(tokens, tokens, tokens), atol=0.05, rtol=0.05)
+    assert out.isfinite().all()
+    layer.eval()
+    calls.clear()
+    with torch.no_grad():
+        layer(tokens, tokens, tokens)  # no autocast: PyTorch's own path, as in inference and export
+    assert not calls

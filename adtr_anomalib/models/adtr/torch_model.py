@@ -69,7 +69,36 @@ class _Attention(nn.MultiheadAttention):
             dropped &= ~dropped.all(dim=-1, keepdim=True)  # a query with no key left would give NaN: keep them all
             mask = torch.zeros(dropped.shape, dtype=query.dtype, device=query.device)
             mask = mask.masked_fill_(dropped, float("-inf")).expand(-1, queries, -1)
+        if self.dropout == 0.0 and query.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            return self.attend_in_float32(query, key, value, mask)
         return super().forward(query, key, value, attn_mask=mask, need_weights=False)[0]
+
+    def attend_in_float32(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The same attention with the projections left to autocast (bf16) and the attention itself in float32.
+
+        For CPU training under bf16 autocast: PyTorch's fused CPU attention kernel computes its backward pass about
+        three times slower in bf16 than in float32 (``benchmarks/training_speed.py``), and it is a third of a
+        training step. ``nn.MultiheadAttention`` gives no way to choose the attention's precision apart from the
+        projections', hence this second path over the same parameters. ``mask``: additive, ``(B * heads, Nq, Nk)``.
+        """
+        heads = self.num_heads
+
+        def split(tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+            return F.linear(tokens, weight, bias).unflatten(-1, (heads, -1)).transpose(1, 2).float()
+
+        q, k, v = (
+            split(tokens, weight, bias)
+            for tokens, weight, bias in zip(
+                (query, key, value), self.in_proj_weight.chunk(3), self.in_proj_bias.chunk(3), strict=True
+            )
+        )
+        if mask is not None:
+            mask = mask.reshape(q.shape[0], heads, *mask.shape[1:]).float()
+        with torch.autocast("cpu", enabled=False):
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out_proj(attended.transpose(1, 2).flatten(2))
 
 
 class _EncoderLayer(nn.Module):
@@ -231,7 +260,7 @@ class ADTRReconstructor(nn.Module):
         batch, channels, height, width = features.shape
         patch = self.patch_size
         if self.training and self.feature_jitter > 0:
-            features = self.add_jitter(features.movedim(1, -1)).movedim(-1, 1)
+            features = self.add_jitter(features)
         # The projections run as convolutions on the grid with the Linear layers' weights: the same sums as
         # pixel_unshuffle + Linear and Linear + pixel_shuffle, but only the hidden_dim-wide tokens are transposed,
         # not the C * p * p-wide features (their transposes took a tenth of OpenVINO's time at batch 16).
@@ -270,17 +299,19 @@ class ADTRReconstructor(nn.Module):
             queries = layer(queries, memory, self.pos_embed)
         return queries
 
-    def add_jitter(self, tokens: torch.Tensor) -> torch.Tensor:
-        """UniAD's feature jitter on ``(..., C)`` features: noise proportional to each position's norm / C.
+    def add_jitter(self, features: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """UniAD's feature jitter: Gaussian noise proportional to each position's norm / C.
 
         Args:
-            tokens: Features with the channels last.
+            features: Features with the ``C`` channels along ``dim``.
+            dim: The channel dimension (1: ``(B, C, h, w)``).
 
         Returns:
-            ``tokens`` plus Gaussian noise, the same shape.
+            ``features`` plus the noise, the same shape. The noise is drawn in ``features``' own memory order: drawn
+            through a transposed view it took about seven times as long (a fifth of a stride-8 training step).
         """
-        scale = tokens.norm(dim=-1, keepdim=True) * (self.feature_jitter / tokens.shape[-1])
-        return tokens + torch.randn_like(tokens) * scale
+        scale = features.norm(dim=dim, keepdim=True) * (self.feature_jitter / features.shape[dim])
+        return features + torch.randn_like(features) * scale
 
 
 class ADTRModel(nn.Module):
