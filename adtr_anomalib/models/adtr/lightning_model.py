@@ -57,7 +57,7 @@ class ADTR(ADTRLightningMixin, AnomalibModule):
         dropout: Dropout in attention and feed-forward layers.
         attention_dropout: What attention dropout drops in training: ``"weights"`` (paper: each attention weight on
             its own) or ``"keys"``: whole keys per image and head, masked before the softmax (DropKey), which lets
-            PyTorch's fused attention kernel run: 1.6-2.4x faster CPU training with ``dropout=0.1`` (README,
+            PyTorch's fused attention kernel run: 1.6-2.5x faster CPU training with ``dropout=0.1`` (README,
             "Training speed"). Inference is the same in both.
         pooling_kernel: Average-pooling window (pixels) for the image score.
         map_layers: Stages whose reconstruction error forms the pixel anomaly map (``None``: all of ``layers``, as
