@@ -103,7 +103,7 @@ def main() -> None:
     configurations: dict[str, dict] = {
         "paper": {"dropout": 0.1, "jitter": 0.0, "bf16": bf16},
         "paper, attention_dropout='keys'": {"dropout": 0.1, "jitter": 0.0, "bf16": bf16, "attention_dropout": "keys"},
-        "fast, stride 8 with 2x2 patch tokens": {**fast, "patch": 2},
+        RECOMMENDED: {**fast, "patch": 2},
         "fast": fast,
     }
     print(f"matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s; training in {precision}")

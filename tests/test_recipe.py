@@ -22,17 +22,14 @@ from tests.helpers import make_folder, tiny_adtr, tiny_engine, tiny_torch_model
 def test_feature_jitter_scale_follows_the_token_norm() -> None:
     reconstructor = ADTRReconstructor(in_channels=64, num_tokens=4, feature_jitter=20.0, **TINY)
     tokens = torch.randn(8, 4096, 64) * torch.linspace(0.1, 10, 4096)[None, :, None]
-    noise = reconstructor.add_jitter(tokens, dim=-1) - tokens
-    # Per token, the noise std is feature_jitter * ||token|| / C.
-    ratio = noise.std(dim=(0, 2)) / (20.0 * tokens.norm(dim=-1).mean(0) / 64)
-    assert ratio.mean() == pytest.approx(1.0, abs=0.05)
-    assert ratio.std() < 0.2
-    # Channels first, as the reconstructor's input: the same scale per position.
-    grid = tokens[:, :, None, :].movedim(-1, 1).contiguous()  # (8, 64, 4096, 1)
-    noise = reconstructor.add_jitter(grid) - grid
-    ratio = noise.std(dim=(0, 1)).flatten() / (20.0 * grid.norm(dim=1).mean(0).flatten() / 64)
-    assert ratio.mean() == pytest.approx(1.0, abs=0.05)
-    assert ratio.std() < 0.2
+    # Per token, the noise std is feature_jitter * ||token|| / C: channels last, and channels first as the
+    # reconstructor's input (8, 64, 4096, 1).
+    for features, dim in ((tokens, -1), (tokens[:, :, None, :].movedim(-1, 1).contiguous(), 1)):
+        noise = reconstructor.add_jitter(features, dim=dim) - features
+        per_token = (0, 2) if dim == -1 else (0, 1)
+        ratio = noise.std(dim=per_token).flatten() / (20.0 * features.norm(dim=dim).mean(0).flatten() / 64)
+        assert ratio.mean() == pytest.approx(1.0, abs=0.05)
+        assert ratio.std() < 0.2
 
 
 def test_feature_jitter_only_in_training() -> None:
