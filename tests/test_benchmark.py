@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import statistics
+import subprocess
+import sys
 
 import pytest
 import torch
 from anomalib.data.utils import ValSplitMode
 
 import adtr_anomalib.benchmark
-from adtr_anomalib.benchmark import build_model, markdown_table, write_csv
+from adtr_anomalib.benchmark import build_model, markdown_table, run, write_csv
 from adtr_anomalib.benchmark.plan import DataSpec
 from adtr_anomalib.benchmark.report import NUMERIC, summarise, summary_table
 from adtr_anomalib.data import mvtec_layout_folder, subsample_splits
@@ -124,20 +127,34 @@ def test_thresholds_come_from_held_back_training_images_not_the_test_images(tiny
     assert not test & set(datamodule.val_data.samples["image_path"])
 
 
-def test_benchmark_applies_the_allocator_setting_in_its_own_process(monkeypatch: pytest.MonkeyPatch) -> None:
-    # No os.exec*: glibc's mallopt sets the threshold now; the variable is set for child processes.
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
-    replaced: list[tuple] = []
+def test_glibc_takes_patchcores_heap_setting_in_the_running_process() -> None:
+    # In a child process: mallopt cannot give a process back glibc's dynamic default, and the tests train after this.
+    code = (
+        "import os; from adtr_anomalib.benchmark import limit_heap_fragmentation as limit; "
+        "print(limit(), os.environ['MALLOC_MMAP_THRESHOLD_'])"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "MALLOC_MMAP_THRESHOLD_"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert result.stdout.split() == ["True", "1048576"]  # this machine and CI run glibc
+
+
+@pytest.mark.parametrize(("models", "applied"), [(["adtr", "patchcore"], 1), (["adtr", "padim"], 0)])
+def test_the_heap_setting_is_applied_only_to_runs_with_patchcore(
+    models: list[str], applied: int, tiny_textures_root, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No os.exec*: the setting is made in the running process, for every model of the run alike.
     for name in ("execv", "execve"):
-        monkeypatch.setattr(os, name, lambda *args: replaced.append(args))
-    applied: list[bool] = []
-    limit = adtr_anomalib.benchmark.limit_heap_fragmentation
-    monkeypatch.setattr(adtr_anomalib.benchmark, "limit_heap_fragmentation", lambda: applied.append(limit()))
-    monkeypatch.setattr(adtr_anomalib.benchmark, "cli", lambda argv: len(argv))
-    assert adtr_anomalib.benchmark.main(["--config", "x.yaml"]) == 2  # went on to cli, in this process
-    assert replaced == []
-    assert applied == [True]  # glibc accepted the threshold (this machine and CI run glibc)
-    assert os.environ["MALLOC_MMAP_THRESHOLD_"] == "1048576"
+        monkeypatch.setattr(os, name, lambda *args: pytest.fail("the benchmark re-executed itself"))
+    calls: list[bool] = []
+    monkeypatch.setattr(run, "limit_heap_fragmentation", lambda: calls.append(True))
+
+    def not_run(*args) -> None:
+        raise RuntimeError("not run in this test")  # the jobs are recorded as failed and listed: exit code 1
+
+    monkeypatch.setattr(run, "run_job", not_run)
+    argv = ["--data", json.dumps([str(tiny_textures_root)]), "--models", json.dumps(models), "--output", str(tmp_path)]
+    assert adtr_anomalib.benchmark.main(argv) == 1
+    assert len(calls) == applied
 
 
 def test_peak_memory_sees_a_short_spike_inside_the_block_only() -> None:

@@ -3,26 +3,23 @@
 Fairness rules: for each dataset and seed every model gets a fresh datamodule built the same way (same split),
 the same input size and normalisation, the same backbone weights (loaded through ``load_backbone_weights``, so
 the offline Lite0 weights work for all), the same metrics (``inspection_evaluator``) and the same throughput
-test, in one process under the same allocator setting.
+test, in one process under the same allocator setting: PatchCore's (below) when the run has PatchCore, else
+glibc's default.
 
 Run ``adtr-anomalib benchmark --help`` (or ``python -m adtr_anomalib.benchmark``); configs live in
 ``configs/benchmark/``. PatchCore needs ``MALLOC_MMAP_THRESHOLD_=1048576`` on small CPU machines (glibc heap
-fragmentation); the command applies that setting to its own process (:func:`limit_heap_fragmentation`).
+fragmentation); a run with PatchCore applies that setting to its own process (:func:`limit_heap_fragmentation`).
+Runs without PatchCore keep glibc's default, because the setting slows the training of the other models.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import os
 import sys
 from collections.abc import Sequence
 
+from adtr_anomalib.benchmark.measure import MALLOC_ENV, limit_heap_fragmentation
 from adtr_anomalib.benchmark.models import METRICS, build_model
 from adtr_anomalib.benchmark.report import markdown_table, write_csv
-
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576"}
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter that MALLOC_MMAP_THRESHOLD_ sets at start-up
 
 __all__ = [
     "MALLOC_ENV",
@@ -34,24 +31,6 @@ __all__ = [
     "markdown_table",
     "write_csv",
 ]
-
-
-def limit_heap_fragmentation() -> bool:
-    """glibc's ``MALLOC_MMAP_THRESHOLD_=1048576`` for this running process and the processes it starts.
-
-    PatchCore's large, short-lived buffers otherwise fragment glibc's heap until a small machine runs out of memory
-    (spec section 5). The variable alone acts only when a process starts; ``mallopt`` applies the same threshold
-    now, so benchmarks need no re-execution of themselves. The variable is set too, for child processes.
-
-    Returns:
-        Whether the threshold was applied (``False`` where the C library is not glibc).
-    """
-    os.environ.update(MALLOC_ENV)
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
-    except (OSError, AttributeError, TypeError):
-        return False
-    return mallopt(M_MMAP_THRESHOLD, int(MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"])) == 1
 
 
 def cli(argv: Sequence[str]) -> int:
@@ -71,6 +50,5 @@ def cli(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: the allocator setting (:func:`limit_heap_fragmentation`), then :func:`cli`."""
-    limit_heap_fragmentation()
+    """Entry point (``adtr-anomalib benchmark``): :func:`cli` on the command line's arguments."""
     return cli(list(sys.argv[1:] if argv is None else argv))
