@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from pathlib import Path
@@ -52,7 +53,7 @@ def test_normalised_training_features_have_zero_mean_unit_std() -> None:
     images = torch.rand(12, 3, 32, 32)
     raw = model.extract_features(images)
     assert model.needs_feature_statistics
-    model.fit_feature_statistics(images.split(5))  # batching must not matter
+    model.fit_feature_statistics(model.backbone_features(part) for part in images.split(5))  # batching must not matter
     assert not model.needs_feature_statistics
     normalised = model.extract_features(images)
     torch.testing.assert_close(normalised.mean(dim=(0, 2, 3)), torch.zeros(raw.shape[1]), atol=1e-4, rtol=0)
@@ -63,7 +64,7 @@ def test_normalised_training_features_have_zero_mean_unit_std() -> None:
 
 def test_feature_statistics_travel_with_the_state_dict() -> None:
     fitted = _model(normalize=True)
-    fitted.fit_feature_statistics([torch.rand(4, 3, 32, 32)])
+    fitted.fit_feature_statistics([fitted.backbone_features(torch.rand(4, 3, 32, 32))])
     restored = _model(normalize=False)  # the statistics, not the flag, decide what the network computes
     restored.load_state_dict(fitted.state_dict())
     images = torch.rand(2, 3, 32, 32)
@@ -179,6 +180,42 @@ def test_training_fits_feature_statistics_once_and_checkpoints_them(tmp_path: Pa
     engine = tiny_engine(tmp_path / "results", max_epochs=2)
     engine.fit(model=model, datamodule=datamodule, ckpt_path=ckpt)
     torch.testing.assert_close(model.model.feature_mean, mean)
+
+
+def test_fitting_runs_the_backbone_once_per_training_image(tmp_path: Path) -> None:
+    # Feature statistics, every epoch and the map statistics share the feature cache; validation images are extra.
+    root = make_folder(tmp_path / "part", n_train=6, size=48)
+    datamodule = mvtec_layout_folder(root, train_batch_size=4, eval_batch_size=4, seed=0)
+    model = tiny_adtr(pre_trained=False, normalize_features=True, normalize_map=True)
+    engine = tiny_engine(tmp_path / "results", max_epochs=2)
+    seen: list[int] = []
+    scoring: list[bool] = []
+    backbone, validation_step = model.model.backbone_features, model.validation_step
+
+    def counted(images: torch.Tensor) -> torch.Tensor:
+        if not scoring:  # not scoring a validation image
+            seen.append(len(images))
+        return backbone(images)
+
+    def scored(*args: object, **kwargs: object) -> object:
+        scoring.append(True)
+        try:
+            return validation_step(*args, **kwargs)
+        finally:
+            scoring.pop()
+
+    model.model.backbone_features, model.validation_step = counted, scored
+    engine.fit(model=model, datamodule=datamodule)
+    assert bool(model.model.feature_statistics_fitted)
+    assert bool(model.model.map_statistics_fitted)
+    assert sum(seen) == len(datamodule.train_data)
+    # The map statistics came from standardised cached features: the same as from the images read anew.
+    fresh = copy.deepcopy(model.model)
+    fresh.fit_map_statistics(
+        fresh.extract_features(model.pre_processor(batch.image)) for batch in datamodule.train_dataloader()
+    )
+    torch.testing.assert_close(fresh.map_mean, model.model.map_mean, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fresh.map_std, model.model.map_std, atol=1e-4, rtol=1e-4)
 
 
 def test_checkpoint_from_before_feature_statistics_loads_as_identity(tmp_path: Path) -> None:

@@ -255,25 +255,28 @@ class ADTRLightningMixin:
         Files of training data given as plain dataloaders (no datamodule, so ``setup`` saw none) are checked here.
         """
         check_dataset_files([self.training_dataset()])
-        if self.model.needs_feature_statistics:
-            self.fit_feature_statistics()
         datamodule = getattr(getattr(self, "_trainer", None), "datamodule", None)
         blockers = cache_blockers(datamodule, self.training_dataset())
         self.feature_cache.enable(bool(self.hparams.cache_features) and not blockers)
         if self.hparams.cache_features and blockers:
             logger.info("%s: feature cache off because %s.", type(self).__name__, " and ".join(blockers))
+        if self.model.needs_feature_statistics:
+            self.fit_feature_statistics()
 
     def fit_feature_statistics(self) -> None:
         """Per-channel feature statistics from one pass over the training images (``normalize_features``).
 
         The datamodule's own training dataloader is read and pre-processed as the training steps are, so the
-        statistics see exactly the images training sees.
+        statistics see exactly the images training sees. The pass fills the feature cache, whose features are then
+        standardised in place: the first epoch does not run the backbone again.
         """
-        loader = self.trainer.train_dataloader
-        pre_processor = self.pre_processor if isinstance(self.pre_processor, nn.Module) else nn.Identity()
         started = time.perf_counter()
-        images = (pre_processor(batch.image.to(self.device)) for batch in loader)
-        self.model.fit_feature_statistics(images, reduce=self.sum_over_processes())
+        features = (
+            self.feature_cache.get(images, paths, self.model.backbone_features)
+            for images, paths in self._training_images()
+        )
+        self.model.fit_feature_statistics(features, reduce=self.sum_over_processes())
+        self.feature_cache.transform(self.model.standardize)
         logger.info("%s: feature statistics fitted in %.1f s.", type(self).__name__, time.perf_counter() - started)
 
     def sum_over_processes(self) -> SumReduce | None:
@@ -316,18 +319,12 @@ class ADTRLightningMixin:
         fitting = trainer is not None and trainer.state.fn == TrainerFn.FITTING
         if not (self.model.normalize_map and fitting) or self._map_statistics_step == self.global_step:
             return
-        pre_processor = self.pre_processor if isinstance(self.pre_processor, nn.Module) else nn.Identity()
-
-        def normal_features() -> Iterator[torch.Tensor]:
-            for batch in trainer.train_dataloader:
-                images = batch.image
-                if getattr(batch, "gt_label", None) is not None:
-                    images = images[~batch.gt_label.to(device=images.device, dtype=torch.bool).view(-1)]
-                if len(images):
-                    yield self.model.extract_features(pre_processor(images.to(self.device)))
-
+        normal = (
+            self.feature_cache.get(images, paths, self.model.extract_features)
+            for images, paths in self._training_images(normal_only=True)
+        )
         started = time.perf_counter()
-        self.model.fit_map_statistics(normal_features(), reduce=self.sum_over_processes())
+        self.model.fit_map_statistics(normal, reduce=self.sum_over_processes())
         self._map_statistics_step = self.global_step
         logger.info("%s: anomaly-map statistics fitted in %.1f s.", type(self).__name__, time.perf_counter() - started)
 
@@ -337,6 +334,23 @@ class ADTRLightningMixin:
         gradients = [p.grad for p in self.model.reconstructor.parameters() if p.grad is not None]
         if gradients:
             check_finite(gradients, self.global_step, "a gradient of the transformer")
+
+    def _training_images(self, normal_only: bool = False) -> Iterator[tuple[torch.Tensor, list[str] | None]]:
+        """Pre-processed batches of the training dataloader with their image paths (the feature cache's keys).
+
+        Args:
+            normal_only: Leave out images labelled anomalous (ADTR+'s real or synthetic anomalies).
+        """
+        pre_processor = self.pre_processor if isinstance(self.pre_processor, nn.Module) else nn.Identity()
+        for batch in self.trainer.train_dataloader:
+            images, paths = batch.image, getattr(batch, "image_path", None)
+            if normal_only and getattr(batch, "gt_label", None) is not None:
+                keep = ~batch.gt_label.to(dtype=torch.bool).view(-1).cpu()
+                images = images[keep.to(images.device)]
+                if paths is not None:
+                    paths = [path for path, kept in zip(paths, keep.tolist(), strict=True) if kept]
+            if len(images):
+                yield pre_processor(images.to(self.device)), paths
 
     def training_features(self, batch: Batch) -> torch.Tensor:
         """Backbone features for a training batch, from the cache when every image of it is there."""

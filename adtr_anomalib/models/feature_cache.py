@@ -50,6 +50,10 @@ class FeatureCache:
         """Free the stored features (end of training)."""
         self.features.clear()
 
+    def transform(self, function: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace every stored feature map by ``function`` of it (raw features standardised once fitted)."""
+        self.features = {path: function(features) for path, features in self.features.items()}
+
     def get(
         self, images: torch.Tensor, paths: Sequence[str] | None, extract: Callable[[torch.Tensor], torch.Tensor]
     ) -> torch.Tensor:

@@ -465,7 +465,18 @@ class ADTRModel(nn.Module):
         return source
 
     def extract_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Frozen multi-scale features, each stage resized to the ``feature_stride`` grid and concatenated.
+        """Frozen multi-scale features, standardised with the per-channel statistics (identity until fitted).
+
+        Args:
+            images: Pre-processed ``(B, 3, H, W)`` images at the model's ``input_size``.
+
+        Returns:
+            ``(B, C, h, w)`` features: :meth:`standardize` of :meth:`backbone_features`.
+        """
+        return self.standardize(self.backbone_features(images))
+
+    def backbone_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's stages, each resized to the ``feature_stride`` grid and concatenated, not standardised.
 
         Bilinear with ``align_corners=True`` for every stage, down-sampling included, as UniAD does.
 
@@ -473,7 +484,7 @@ class ADTRModel(nn.Module):
             images: Pre-processed ``(B, 3, H, W)`` images at the model's ``input_size``.
 
         Returns:
-            ``(B, C, h, w)`` features, standardised with the per-channel statistics (identity until fitted).
+            ``(B, C, h, w)`` features.
 
         Raises:
             ValueError: If the images are not the size the model was built for.
@@ -493,8 +504,18 @@ class ADTRModel(nn.Module):
                 else F.interpolate(f, self.feature_grid, mode="bilinear", align_corners=True)
                 for f in stages
             ]
-            features = torch.cat(resized, dim=1)
-            return (features - self.feature_mean[:, None, None]) / self.feature_std[:, None, None]
+            return torch.cat(resized, dim=1)
+
+    def standardize(self, features: torch.Tensor) -> torch.Tensor:
+        """Per-channel standardisation with the fitted training statistics (``normalize_features``).
+
+        Args:
+            features: ``(B, C, h, w)`` or ``(C, h, w)`` features from :meth:`backbone_features`.
+
+        Returns:
+            The same shape, ``(features - mean) / std`` per channel.
+        """
+        return (features - self.feature_mean[:, None, None]) / self.feature_std[:, None, None]
 
     @property
     def needs_feature_statistics(self) -> bool:
@@ -506,29 +527,27 @@ class ADTRModel(nn.Module):
         return self.normalize_features and not bool(self.feature_statistics_fitted)
 
     @torch.no_grad()
-    def fit_feature_statistics(self, images: Iterable[torch.Tensor], reduce: SumReduce | None = None) -> None:
-        """Set the per-channel mean and standard deviation from batches of (pre-processed) training images.
+    def fit_feature_statistics(self, features: Iterable[torch.Tensor], reduce: SumReduce | None = None) -> None:
+        """Set the per-channel mean and standard deviation from batches of training features.
 
         Accumulated in float64 over every position of every image, so the result does not depend on batching.
         ``reduce`` sums the accumulators over processes (distributed training, where each sees a shard).
 
         Args:
-            images: Batches of pre-processed training images.
+            features: Batches of :meth:`backbone_features` of the training images (not yet standardised).
             reduce: Sums a tensor over processes; ``None`` in a single process.
 
         Raises:
-            ValueError: If ``images`` yields no images.
+            ValueError: If ``features`` yields no images.
         """
-        self.feature_mean.zero_()
-        self.feature_std.fill_(1.0)
         total = torch.zeros((), dtype=torch.float64)
         first = torch.zeros(self.num_channels, dtype=torch.float64)
         second = torch.zeros(self.num_channels, dtype=torch.float64)
-        for batch in images:
-            features = self.extract_features(batch.to(self.feature_mean.device)).double()
-            total += features.shape[0] * features.shape[2] * features.shape[3]
-            first += features.sum(dim=(0, 2, 3)).cpu()
-            second += features.pow(2).sum(dim=(0, 2, 3)).cpu()
+        for batch in features:
+            values = batch.to(self.feature_mean.device).double()
+            total += values.shape[0] * values.shape[2] * values.shape[3]
+            first += values.sum(dim=(0, 2, 3)).cpu()
+            second += values.pow(2).sum(dim=(0, 2, 3)).cpu()
         if reduce is not None:
             total, first, second = (reduce(value) for value in (total, first, second))
         if total == 0:
