@@ -51,8 +51,12 @@ class FeatureCache:
         self.features.clear()
 
     def transform(self, function: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Replace every stored feature map by ``function`` of it (raw features standardised once fitted)."""
-        self.features = {path: function(features) for path, features in self.features.items()}
+        """Replace every stored feature map by ``function`` of it (raw features standardised once fitted).
+
+        One entry at a time, so memory grows by about one batch, not by a second copy of the cache.
+        """
+        for path, features in self.features.items():
+            self.features[path] = function(features)
 
     def get(
         self, images: torch.Tensor, paths: Sequence[str] | None, extract: Callable[[torch.Tensor], torch.Tensor]
