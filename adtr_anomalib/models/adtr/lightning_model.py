@@ -65,11 +65,12 @@ class ADTR(ADTRLightningMixin, AnomalibModule):
         feature_jitter: UniAD's feature jitter: training-time Gaussian noise on the input features, per token
             ``feature_jitter * ||f|| / C`` (UniAD: 20). 0 is off (paper).
         normalize_features: Standardise each feature channel with its training mean and standard deviation
-            (one extra pass over the training images when training starts). Off in the paper.
+            (a pass over the training images when training starts; with ``cache_features`` it fills the cache, so
+            the backbone still runs once per image). Off in the paper.
         normalize_map: Standardise the anomaly map and the image score's map at every pixel with the mean and
-            standard deviation of the trained model's maps of the normal training images (one extra pass over them
-            after training, and before a validation). A per-position prior, as PaDiM's, for aligned parts. Off in
-            the paper.
+            standard deviation of the trained model's maps of the normal training images (one extra transformer pass
+            over them after training, and before a validation; backbone features from the cache). A per-position
+            prior, as PaDiM's, for aligned parts. Off in the paper.
         loss_reduction: ``"sum"`` over channels (paper) or ``"mean"`` (UniAD's MSE).
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
