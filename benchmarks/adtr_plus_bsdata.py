@@ -48,14 +48,13 @@ from lightning.pytorch import seed_everything
 
 from adtr_anomalib import ADTR, ADTRPlus
 from adtr_anomalib.benchmark import (
-    MALLOC_ENV,
     METRICS,
     build_model,
-    limit_heap_fragmentation,
+    heap_setting_for,
     markdown_table,
     write_csv,
 )
-from adtr_anomalib.benchmark.measure import timed
+from adtr_anomalib.benchmark.measure import allocator, timed
 from adtr_anomalib.data import ConfettiNoise, WithAnomalies, subsample_splits
 from adtr_anomalib.metrics import inspection_evaluator
 
@@ -122,8 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run every row, print a Markdown table and write ``<output>/results.csv``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    if "patchcore" in args.models:
-        limit_heap_fragmentation()  # PatchCore's heap setting, for every model of the run alike
+    heap_setting_for(args.models)
     data = args.data.resolve()
     if not (data / "train" / "good").is_dir() or not (data / "test" / "pitting").is_dir():
         msg = (
@@ -181,8 +179,7 @@ class Runner:
         return (
             f"bsdata_pitting: {self.args.move} pitting images moved out of test (seed {self.args.seed}); every model "
             f"tested on the same {count} images; backbone {BACKBONE} (offline ImageNet weights), "
-            f"{self.args.image_size}x{self.args.image_size}, allocator "
-            f"{MALLOC_ENV if 'patchcore' in self.args.models else 'glibc default'}."
+            f"{self.args.image_size}x{self.args.image_size}, {allocator()}."
         )
 
     def run(self, name: str) -> list[dict[str, Any]]:

@@ -44,7 +44,7 @@ from lightning.pytorch import seed_everything
 from torch.utils.flop_counter import FlopCounterMode
 
 from adtr_anomalib import ADTR
-from adtr_anomalib.benchmark import build_model, limit_heap_fragmentation, markdown_table, write_csv
+from adtr_anomalib.benchmark import build_model, heap_setting_for, markdown_table, write_csv
 from adtr_anomalib.benchmark.measure import fastest_interleaved, machine, peak_memory, timed
 from adtr_anomalib.benchmark.report import unused_path
 from adtr_anomalib.data import default_dataset_root, make_texture_dataset, mvtec_layout_folder
@@ -91,8 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Fit, export, measure; print the table and the target ratios."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    if "patchcore" in args.models:
-        limit_heap_fragmentation()  # PatchCore's heap setting, for every model of the run alike
+    heap_setting_for(args.models)
     torch.set_num_threads(args.threads)
     seed_everything(0)
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}

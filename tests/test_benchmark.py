@@ -14,7 +14,7 @@ import torch
 from anomalib.data.utils import ValSplitMode
 
 import adtr_anomalib.benchmark
-from adtr_anomalib.benchmark import build_model, markdown_table, run, write_csv
+from adtr_anomalib.benchmark import build_model, markdown_table, measure, run, write_csv
 from adtr_anomalib.benchmark.plan import DataSpec
 from adtr_anomalib.benchmark.report import NUMERIC, summarise, summary_table
 from adtr_anomalib.data import mvtec_layout_folder, subsample_splits
@@ -146,7 +146,7 @@ def test_the_heap_setting_is_applied_only_to_runs_with_patchcore(
     for name in ("execv", "execve"):
         monkeypatch.setattr(os, name, lambda *args: pytest.fail("the benchmark re-executed itself"))
     calls: list[bool] = []
-    monkeypatch.setattr(run, "limit_heap_fragmentation", lambda: calls.append(True))
+    monkeypatch.setattr(measure, "limit_heap_fragmentation", lambda: calls.append(True) or True)
 
     def not_run(*args) -> None:
         raise RuntimeError("not run in this test")  # the jobs are recorded as failed and listed: exit code 1

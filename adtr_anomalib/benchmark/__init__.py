@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from adtr_anomalib.benchmark.measure import MALLOC_ENV, limit_heap_fragmentation
+from adtr_anomalib.benchmark.measure import MALLOC_ENV, heap_setting_for, limit_heap_fragmentation
 from adtr_anomalib.benchmark.models import METRICS, build_model
 from adtr_anomalib.benchmark.report import markdown_table, write_csv
 
@@ -26,6 +26,7 @@ __all__ = [
     "METRICS",
     "build_model",
     "cli",
+    "heap_setting_for",
     "limit_heap_fragmentation",
     "main",
     "markdown_table",

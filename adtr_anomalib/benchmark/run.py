@@ -27,7 +27,7 @@ from jsonargparse import Namespace
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
 from lightning.pytorch.trainer.states import TrainerFn
 
-from adtr_anomalib.benchmark.measure import fastest_seconds, limit_heap_fragmentation, machine, peak_memory, timed
+from adtr_anomalib.benchmark.measure import fastest_seconds, heap_setting_for, machine, peak_memory, timed
 from adtr_anomalib.benchmark.models import METRICS, build_model
 from adtr_anomalib.benchmark.plan import Job, plan, with_training_anomalies
 from adtr_anomalib.benchmark.report import (
@@ -133,10 +133,7 @@ def run_benchmark(settings: Namespace, config: str) -> int:
     ``config`` (the settings as YAML) is saved next to the results, so a run can be repeated exactly.
     """
     jobs = plan(settings)
-    if any(job.model.key == "patchcore" for job in jobs):
-        # PatchCore's heap setting (spec section 5), then for every model of the run alike; a run without PatchCore
-        # keeps glibc's default, which trains the other models faster.
-        limit_heap_fragmentation()
+    heap_setting_for(job.model.key for job in jobs)  # spec section 5
     log = ResultLog(settings.output, settings.resume)
     unused_path(settings.output, "config.yaml").write_text(config, encoding="utf-8")
     if settings.threads:
