@@ -17,7 +17,6 @@ from anomalib.models.components import AnomalibModule
 from adtr_anomalib import ADTR, ADTRModel, ADTRPlus
 from adtr_anomalib.data import ConfettiNoise, FolderWithAnomalies, WithAnomalies, make_texture_dataset
 from adtr_anomalib.models.adtr_plus.loss import masks_to_token_labels, pseudo_huber_error
-from adtr_anomalib.models.base import ADTRLightningMixin
 from tests.conftest import TINY
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -62,7 +61,8 @@ def test_registered_like_adtr() -> None:
     assert "ADTRPlus" in list_models("pascal")
     assert anomalib.models.ADTRPlus is ADTRPlus
     assert "ADTRPlus" in anomalib.models.__all__
-    assert ADTRPlus.__bases__ == (ADTRLightningMixin, AnomalibModule)  # direct: anomalib's lookups need it
+    # ADTR's constructor arguments are ADTR+'s too (one list); AnomalibModule stays a direct base for anomalib.
+    assert ADTRPlus.__bases__ == (ADTR, AnomalibModule)
     model = _tiny(ADTRPlus)
     assert model.learning_type == LearningType.ONE_CLASS
     assert type(model.model) is ADTRModel
@@ -75,6 +75,8 @@ def test_bad_arguments_are_rejected() -> None:
         _tiny(ADTRPlus, mask_threshold=0.0)
     with pytest.raises(ValueError, match="alpha"):
         _tiny(ADTRPlus, alpha=-1.0)
+    with pytest.raises(ValueError, match="loss_reduction='mean' is ADTR's"):
+        _tiny(ADTRPlus, loss_reduction="mean")
 
 
 def test_inference_is_adtr_inference() -> None:

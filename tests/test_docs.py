@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
-import inspect
 import json
 import os
 import re
@@ -36,6 +35,7 @@ import pytest
 from anomalib.cli import AnomalibCLI
 
 from adtr_anomalib import ADTR, ADTRPlus
+from adtr_anomalib.models.base import constructor_parameters
 from tests.conftest import REPO
 
 if sys.version_info >= (3, 11):
@@ -255,8 +255,8 @@ def test_readme_parameter_table_matches_the_code(model: type) -> None:
     table = _parameter_table()
     parameters = {
         name: parameter.default
-        for name, parameter in inspect.signature(model.__init__).parameters.items()
-        if name != "self" and name not in PROCESSOR_ARGUMENTS
+        for name, parameter in constructor_parameters(model).items()
+        if name not in PROCESSOR_ARGUMENTS
     }
     assert set(parameters) <= set(table), f"not in the README's table: {sorted(set(parameters) - set(table))}"
     for name, default in parameters.items():

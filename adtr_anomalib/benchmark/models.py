@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from anomalib.models import Padim, Patchcore
@@ -10,6 +9,7 @@ from anomalib.models.components import AnomalibModule
 
 from adtr_anomalib.metrics import inspection_evaluator
 from adtr_anomalib.models import ADTR, ADTRPlus
+from adtr_anomalib.models.base import constructor_parameters
 from adtr_anomalib.models.components import load_backbone_weights
 from adtr_anomalib.post_processing import RankPreservingPostProcessor
 
@@ -81,7 +81,7 @@ def check_model_options(name: str, options: dict[str, Any]) -> None:
             "image_size are top-level settings."
         )
         raise ValueError(msg)
-    accepted = inspect.signature(MODEL_CLASSES[key]).parameters
+    accepted = constructor_parameters(MODEL_CLASSES[key])
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         msg = f"{name}: unknown init_args {unknown}; {MODEL_CLASSES[key].__name__} takes {sorted(accepted)}."

@@ -60,23 +60,36 @@ ARCHITECTURE_ARGUMENTS = (
     "ffn_dim",
     "normalize_features",
 )
-# All constructor arguments of ADTR and ADTR+ that define the shared network (`ADTRModel`).
-MODEL_ARGUMENTS = (
-    *ARCHITECTURE_ARGUMENTS,
-    "dropout",
-    "attention_dropout",
-    "pooling_kernel",
-    "map_layers",
-    "feature_jitter",
-    "normalize_map",
+# The constructor arguments of ADTR and ADTR+ that `ADTRModel` takes: all of its own but the weights source and the
+# image size (set by the pre-processor).
+MODEL_ARGUMENTS = tuple(
+    name for name in inspect.signature(ADTRModel).parameters if name not in {"pre_trained", "weights", "input_size"}
 )
 
 
-class ADTRLightningMixin:
-    """What ADTR and ADTR+ share as anomalib modules: same network, weights, pre-processing, optimiser.
+def constructor_parameters(cls: type) -> dict[str, inspect.Parameter]:
+    """The named constructor arguments of ``cls``, following ``**kwargs`` passed on to a parent's constructor.
 
-    A mixin rather than a base class because anomalib only finds *direct* subclasses of ``AnomalibModule``
-    (``get_model``/``list_models``), so ``ADTRPlus`` cannot subclass ``ADTR``.
+    ``ADTRPlus`` takes its own arguments and passes the rest to ``ADTR``; ``inspect.signature`` shows only the
+    former. (jsonargparse resolves the same for the CLI, but has no public function for it.)
+    """
+    parameters: dict[str, inspect.Parameter] = {}
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        own = inspect.signature(klass.__init__).parameters.values()
+        named = (p for p in own if p.name != "self" and p.kind not in {p.VAR_POSITIONAL, p.VAR_KEYWORD})
+        parameters.update({p.name: p for p in named if p.name not in parameters})
+        if not any(p.kind is p.VAR_KEYWORD for p in own):
+            break
+    return parameters
+
+
+class ADTRLightningMixin:
+    """ADTR's hooks around the network: weights, pre-processing, checks, checkpoints, statistics, optimiser.
+
+    Kept apart from ``ADTR`` (which holds the constructor and the training step, and which ``ADTRPlus``
+    subclasses) so that each model file holds what differs between the models.
     """
 
     model: ADTRModel
@@ -114,7 +127,7 @@ class ADTRLightningMixin:
         if recipe not in RECIPES:
             msg = f"recipe must be one of {sorted(RECIPES)}, got {recipe!r}."
             raise ValueError(msg)
-        defaults = inspect.signature(type(self).__init__).parameters
+        defaults = constructor_parameters(type(self))
         for key, value in RECIPES[recipe].items():
             if key == "map_layers" and list(self.hparams.layers) != list(DEFAULT_LAYERS):
                 continue  # the recipe's stages are those of the default layers; other layers keep their full map

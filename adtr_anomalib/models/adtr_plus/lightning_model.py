@@ -19,30 +19,21 @@ Example:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from anomalib import TaskType
 from anomalib.data import Batch
-from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
 from anomalib.utils.serialization import anomalib_safe_globals
-from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
-from torch import nn
 
-from adtr_anomalib.models.adtr.torch_model import (
-    DEFAULT_LAYERS,
-    FEATURE_STATISTICS,
-    MAP_STATISTICS,
-    AttentionDropout,
-    ReconstructorKind,
-)
-from adtr_anomalib.models.base import ARCHITECTURE_ARGUMENTS, ADTRLightningMixin
+from adtr_anomalib.models.adtr import ADTR
+from adtr_anomalib.models.adtr.torch_model import FEATURE_STATISTICS, MAP_STATISTICS
+from adtr_anomalib.models.base import ARCHITECTURE_ARGUMENTS
 from adtr_anomalib.models.checkpoints import fill_statistics, plain
-from adtr_anomalib.models.training import LRSchedule, Recipe, check_finite
+from adtr_anomalib.models.training import check_finite
 
 from .loss import ADTRPlusLoss, masks_to_token_labels, pseudo_huber_error
 
@@ -53,7 +44,7 @@ __all__ = ["ADTRPlus"]
 Supervision = Literal["auto", "pixel", "image"]
 
 
-class ADTRPlus(ADTRLightningMixin, AnomalibModule):
+class ADTRPlus(ADTR, AnomalibModule):
     """ADTR+: ADTR's feature-reconstruction transformer, trained to fail on labelled anomalies.
 
     Training data: normal images plus anomalies with pixel masks (``L_px``) or image labels only
@@ -63,12 +54,10 @@ class ADTRPlus(ADTRLightningMixin, AnomalibModule):
     processor and ``Engine.fit`` only train and normalise ONE_CLASS models), and the model at test time is
     exactly ADTR's.
 
+    A subclass of :class:`~adtr_anomalib.ADTR` that also names ``AnomalibModule`` as a direct base: anomalib's
+    ``get_model``/``list_models`` only find direct subclasses of ``AnomalibModule``.
+
     Args:
-        backbone, layers, pre_trained, weights, feature_stride, patch_size, reconstructor, hidden_dim,
-        num_encoder_layers, num_decoder_layers, num_heads, ffn_dim, dropout, attention_dropout, pooling_kernel,
-        map_layers, feature_jitter, normalize_features, normalize_map: as :class:`~adtr_anomalib.ADTR`; all but
-            ``normalize_map`` must match the ADTR checkpoint when one is given. The map statistics are fitted
-            again after ADTR+ training, on its normal training images.
         adtr_checkpoint: A trained ADTR checkpoint (Lightning ``.ckpt`` or a saved ``ADTRModel`` state dict)
             to start from. Loaded when training starts (not when a trained ADTR+ model is restored), without
             executing code from the file (``weights_only``).
@@ -78,50 +67,22 @@ class ADTRPlus(ADTRLightningMixin, AnomalibModule):
         k: Top-k errors averaged into the image score of ``L_img``. Paper (CIFAR-10): 20.
         mask_threshold: How masks become token labels on the feature grid: ``None`` (default) marks a token
             anomalous if any pixel of its cell is; a float in ``(0, 1]`` needs at least that fraction.
-        lr, weight_decay, lr_schedule, warmup_steps, gradient_clip_val, bf16, cache_features, recipe: as ADTR;
-            use the ADTR model's recipe. The feature cache is turned off by
-            itself for on-the-fly synthetic anomalies and augmentations.
-        pre_processor, post_processor, evaluator, visualizer: as ADTR.
+        **kwargs: Every argument of :class:`~adtr_anomalib.ADTR` (the CLI lists them as ``--model.<name>``),
+            except ``loss_reduction``. The network's arguments must match the ADTR checkpoint when one is given
+            (``normalize_map`` may differ: the map statistics are fitted again after ADTR+ training, on its
+            normal training images); use the ADTR model's ``recipe``. The feature cache is turned off by itself
+            for on-the-fly synthetic anomalies and augmentations.
     """
 
     def __init__(
         self,
-        backbone: str = "efficientnet_b4",
-        layers: Sequence[str] = DEFAULT_LAYERS,
-        pre_trained: bool = True,
-        weights: str | None = None,
-        feature_stride: int = 16,
-        patch_size: int = 1,
-        reconstructor: ReconstructorKind = "transformer",
-        hidden_dim: int = 256,
-        num_encoder_layers: int = 4,
-        num_decoder_layers: int = 4,
-        num_heads: int = 8,
-        ffn_dim: int = 1024,
-        dropout: float = 0.1,
-        attention_dropout: AttentionDropout = "weights",
-        pooling_kernel: int = 16,
-        map_layers: Sequence[str] | None = None,
-        feature_jitter: float = 0.0,
-        normalize_features: bool = False,
-        normalize_map: bool = False,
+        *,
         adtr_checkpoint: str | None = None,
         supervision: Supervision = "auto",
         alpha: float = 0.003,
         k: int = 20,
         mask_threshold: float | None = None,
-        lr: float = 1e-4,
-        weight_decay: float = 1e-4,
-        lr_schedule: LRSchedule = "step",
-        warmup_steps: int = 0,
-        gradient_clip_val: float | None = None,
-        bf16: bool = True,
-        cache_features: bool = True,
-        recipe: Recipe = "paper",
-        pre_processor: nn.Module | bool = True,
-        post_processor: nn.Module | bool = True,
-        evaluator: Evaluator | bool = True,
-        visualizer: Visualizer | bool = True,
+        **kwargs: Any,
     ) -> None:
         if supervision not in {"auto", "pixel", "image"}:
             msg = f"supervision must be 'auto', 'pixel' or 'image', got {supervision!r}."
@@ -129,13 +90,13 @@ class ADTRPlus(ADTRLightningMixin, AnomalibModule):
         if mask_threshold is not None and not 0.0 < mask_threshold <= 1.0:
             msg = f"mask_threshold must be None (any anomalous pixel) or in (0, 1], got {mask_threshold}."
             raise ValueError(msg)
-        super().__init__(
-            pre_processor=self.default_pre_processor(pre_processor, backbone),
-            post_processor=post_processor,
-            evaluator=evaluator,
-            visualizer=visualizer,
-        )
-        self.build_adtr()
+        if kwargs.get("loss_reduction", "sum") != "sum":
+            msg = (
+                f"loss_reduction={kwargs['loss_reduction']!r} is ADTR's L_norm setting; ADTR+ trains on its own "
+                "losses (L_px, L_img). Leave it out."
+            )
+            raise ValueError(msg)
+        super().__init__(**kwargs)
         self.loss = ADTRPlusLoss(alpha=alpha, k=k)
         # Saved with the model: a trained ADTR+ model restored from its own checkpoint must not be reset to
         # the ADTR starting point when it is trained further.
