@@ -64,8 +64,10 @@ def test_offline_config_runs_four_models_on_the_builtin_and_bsdata_sets(bsdata_r
         ("[{name: adtr, init_args: {lr_rate: 1}}]", r"models\[0\]: adtr: unknown init_args \['lr_rate'\]"),
         ("[{name: adtr, epoch: 3}]", r"models\[0\]: unknown keys \['epoch'\]"),
         ("[adtr, {name: adtr_plus, start_from: ADTR2}]", r"models\[1\] \(ADTR\+\): start_from='ADTR2' must be"),
-        ("[{name: padim, start_from: ADTR}]", r"start_from and train_anomalies are for adtr_plus only"),
-        ("[adtr, {name: adtr_plus, train_anomalies: {move_from_test: 2}}]", r"move_from_test would change"),
+        ("[adtr, {name: padim, start_from: ADTR}]", r"start_from is for adtr \(trained further\) and adtr_plus only"),
+        ("[{name: adtr, train_anomalies: {}}]", r"train_anomalies is for adtr_plus only"),
+        ("[adtr, {name: adtr_plus, train_anomalies: {move_from_test: 2}}]", r"(?s)train_anomalies: .*move_from_test"),
+        ("[adtr, {name: adtr_plus, train_anomalies: {train_on_moved: true}}]", r"needs move_from_test > 0"),
         ("[adtr, adtr]", r"Labels must be unique, repeated: \['ADTR'\]; give the entries a 'label'"),
     ],
 )
@@ -136,3 +138,29 @@ def test_recommended_and_peers_configs_plan_adtr_fast_and_the_peers_on_full_data
     assert {job.model.label for job in peers} == {"PaDiM", "PatchCore"}
     config = yaml.safe_load((CONFIGS / "recommended.yaml").read_text())
     assert "max_train_images" not in config  # full splits
+
+
+def test_adtr_plus_bsdata_config_plans_the_control_and_both_adtr_plus_arms_from_adtr(bsdata_root, monkeypatch) -> None:
+    monkeypatch.chdir(REPO)
+    settings = parser().parse_args(["--config", str(CONFIGS / "adtr_plus_bsdata.yaml")])
+    settings.data = [str(bsdata_root)]
+    jobs = plan(settings)
+    assert settings.move_from_test == 10
+    labels = ["ADTR", "ADTR (continued)", "ADTR+ (labelled)", "ADTR+ (confetti)", "PaDiM", "PatchCore"]
+    assert [job.model.label for job in jobs] == labels * 3
+    for job in jobs:
+        started = job.model.label in labels[1:4]
+        assert job.parent == (f"ADTR on bsdata_pitting, seed {job.seed}" if started else None)
+    trains_on_moved = [job.model.label for job in jobs[:6] if (job.model.train_anomalies or {}).get("train_on_moved")]
+    assert trains_on_moved == ["ADTR+ (labelled)"]
+    recipes = {job.model.init_args.get("recipe") for job in jobs if job.model.key in {"adtr", "adtr_plus"}}
+    assert recipes == {"fast_stride8"}  # the recommended recipe everywhere, so ADTR+ can start from ADTR
+
+
+def test_moving_test_images_changes_every_jobs_fingerprint_so_resume_runs_them_again() -> None:
+    without = [job.fingerprint for job in _plan("--models", "[adtr, padim]")]
+    assert [job.fingerprint for job in _plan("--models", "[adtr, padim]", "--move_from_test", "0")] == without
+    moved = [job.fingerprint for job in _plan("--models", "[adtr, padim]", "--move_from_test", "2")]
+    assert not set(moved) & set(without)
+    with pytest.raises(ValueError, match="move_from_test must be a number of images >= 0"):
+        _plan("--move_from_test", "-1")

@@ -9,10 +9,13 @@ import statistics
 from pathlib import Path
 
 import pytest
+import torch
 
+from adtr_anomalib import ADTR
 from adtr_anomalib.benchmark import cli, run
 from adtr_anomalib.benchmark.models import METRICS
 from adtr_anomalib.benchmark.report import COSTS, format_value
+from adtr_anomalib.data import make_texture_dataset
 from tests.conftest import TINY
 
 TINY_ADTR = {"name": "adtr", "epochs": 1, "init_args": {**TINY, "lr": 1e-3, "lr_schedule": "cosine"}}
@@ -133,3 +136,55 @@ def test_adtr_plus_starts_from_the_adtr_checkpoint_of_its_dataset_and_seed(
     assert bool(built[1][2].adtr_checkpoint_loaded)
     assert type(built[1][2].trainer.datamodule).__name__ == "WithAnomalies"
     assert len(built[1][2].trainer.datamodule.test_data) == 6  # 3 good + 3 anomalous, as for ADTR
+
+
+def test_moved_anomalies_leave_every_test_set_and_only_the_labelled_adtr_plus_trains_on_them(tmp_path, monkeypatch):
+    """The BSData ADTR+ experiment's shape: ADTR, the ADTR control trained further, ADTR+ on the moved images."""
+    root = make_texture_dataset(
+        tmp_path / "data", "brick", image_size=64, n_train=8, n_test_good=4, n_test_defect_per_type=2
+    )
+    built: dict[str, object] = {}
+    original_build = run.build_model
+
+    def spy(name, *args, **options):
+        model = original_build(name, *args, **options)
+        built[model.hparams.get("supervision", name) if name == "adtr_plus" else f"adtr{len(built)}"] = model
+        return model
+
+    starts: list[tuple[str, dict]] = []
+    original_load = ADTR.load_network_weights
+
+    def load(self, path, argument="checkpoint"):
+        original_load(self, path, argument)
+        starts.append((str(path), {k: v.clone() for k, v in self.model.reconstructor.state_dict().items()}))
+
+    monkeypatch.setattr(run, "build_model", spy)
+    monkeypatch.setattr(ADTR, "load_network_weights", load)
+    continued = {**TINY_ADTR, "label": "ADTR (continued)", "start_from": "ADTR"}
+    labelled = {"name": "adtr_plus", "start_from": "ADTR", "epochs": 1, "init_args": {**TINY, "supervision": "pixel"}}
+    labelled["train_anomalies"] = {"train_on_moved": True}
+    out = tmp_path / "bench"
+    assert cli(_argv(root, out, [TINY_ADTR, continued, labelled], [0], "--move_from_test", "1")) == 0
+    records = [json.loads(line) for line in (out / "jobs.jsonl").read_text().splitlines()]
+    assert [r["model"] for r in records] == ["ADTR", "ADTR (continued)", "ADTR+"]
+    assert all(r["status"] == "ok" for r in records)
+
+    adtr, control, plus = built["adtr0"], built["adtr1"], built["pixel"]
+    moved = set(plus.trainer.datamodule.moved_anomalies["image_path"])
+    assert len(moved) == 4  # one of each of the 4 defect types
+    tests = [sorted(model.trainer.datamodule.test_data.samples["image_path"]) for model in (adtr, control, plus)]
+    assert tests[0] == tests[1] == tests[2]  # the same test set for every model
+    assert len(tests[0]) == 8  # 4 good + 8 defective, 4 of them moved
+    assert not moved & set(tests[0])
+    train = {key: model.trainer.datamodule.train_data.samples for key, model in built.items()}
+    assert set(train["pixel"]["image_path"]) >= moved
+    assert (train["pixel"]["label_index"] == 1).sum() == 4  # only ADTR+ (labelled) trains on them
+    assert (train["adtr0"]["label_index"] == 1).sum() == (train["adtr1"]["label_index"] == 1).sum() == 0
+
+    # The control and ADTR+ start from the ADTR job's checkpoint (its trained transformer), not from scratch.
+    assert [path for path, _ in starts] == [records[0]["checkpoint"]] * 2
+    trained = torch.load(records[0]["checkpoint"], weights_only=False)["state_dict"]
+    for _, state in starts:
+        for key, value in state.items():
+            torch.testing.assert_close(value, trained[f"model.reconstructor.{key}"])
+    assert bool(plus.adtr_checkpoint_loaded)

@@ -89,6 +89,13 @@ def parser() -> ArgumentParser:
         default=None,
         help="seeded subset of each test set: at most this many normal and this many anomalous images",
     )
+    parser.add_argument(
+        "--move_from_test",
+        type=int,
+        default=0,
+        help="anomalous test images per defect type moved out of every test set (seeded by the job's seed) for "
+        "every model alike; adtr_plus models with train_anomalies.train_on_moved: true train on them",
+    )
     parser.add_argument("--throughput_batch_size", type=int, default=16, help="batch size of the speed test")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads for every job (0: torch's default)")
     parser.add_argument("--trainer", type=dict[str, Any], default={}, help="extra Lightning Trainer arguments")
@@ -151,7 +158,7 @@ class Job:
     data: DataSpec
     seed: int
     fingerprint: str
-    parent: str | None = None  # key of the ADTR job an ADTR+ job starts from
+    parent: str | None = None  # key of the ADTR job this ADTR or ADTR+ job starts from
 
     @property
     def key(self) -> str:
@@ -200,6 +207,13 @@ def plan(settings: Namespace) -> list[Job]:
         msg = f"trainer: {taken} are set by the benchmark (epochs per model: 'epochs'); remove them."
         raise ValueError(msg)
     models = _model_specs(settings.models, settings.epochs)
+    if settings.move_from_test < 0:
+        msg = f"move_from_test must be a number of images >= 0, got {settings.move_from_test}."
+        raise ValueError(msg)
+    for model in models:
+        if (model.train_anomalies or {}).get("train_on_moved") and not settings.move_from_test:
+            msg = f"{model.label}: train_anomalies.train_on_moved needs move_from_test > 0 (images to train on)."
+            raise ValueError(msg)
     datasets = _unique([spec for index, entry in enumerate(settings.data) for spec in _data_specs(entry, index)])
     shared = {
         key: settings[key]
@@ -215,6 +229,8 @@ def plan(settings: Namespace) -> list[Job]:
         )
     }
     shared["trainer"] = dict(settings.trainer)
+    if settings.move_from_test:  # only when set: fingerprints of benchmarks without it stay those of earlier versions
+        shared["move_from_test"] = settings.move_from_test
     jobs: list[Job] = []
     for data in datasets:
         for seed in settings.seeds:
@@ -265,9 +281,12 @@ def _model_specs(entries: Sequence[str | dict[str, Any]], default_epochs: int) -
 
 
 def _check_adtr_plus(spec: ModelSpec, earlier: list[ModelSpec], where: str) -> None:
-    """``start_from`` and ``train_anomalies`` are ADTR+ options; both must make sense before anything runs."""
-    if (spec.start_from or spec.train_anomalies) and spec.key != "adtr_plus":
-        msg = f"{where} ({spec.label}): start_from and train_anomalies are for adtr_plus only."
+    """``start_from`` (ADTR and ADTR+) and ``train_anomalies`` (ADTR+) must make sense before anything runs."""
+    if spec.start_from is not None and spec.key not in {"adtr", "adtr_plus"}:
+        msg = f"{where} ({spec.label}): start_from is for adtr (trained further) and adtr_plus only."
+        raise ValueError(msg)
+    if spec.train_anomalies is not None and spec.key != "adtr_plus":
+        msg = f"{where} ({spec.label}): train_anomalies is for adtr_plus only (ADTR trains on normal images)."
         raise ValueError(msg)
     if spec.start_from is not None:
         starts = [m for m in earlier if m.label == spec.start_from and m.key == "adtr"]
@@ -285,38 +304,42 @@ def _check_adtr_plus(spec: ModelSpec, earlier: list[ModelSpec], where: str) -> N
             msg = f"{where} ({spec.label}): train_anomalies must be a mapping of WithAnomalies arguments."
             raise ValueError(msg)
         try:
-            options = _train_anomalies_parser().parse_object(spec.train_anomalies)
+            _train_anomalies_parser().parse_object(spec.train_anomalies)
         except ArgumentError as error:
             raise ValueError(f"{where} ({spec.label}) train_anomalies: {error}") from None
-        if options.move_from_test:
-            # Moving test images into training would test this model on fewer images than the others.
-            msg = (
-                f"{where} ({spec.label}): train_anomalies.move_from_test would change this model's test set; "
-                "use synthetic_anomalies."
-            )
-            raise ValueError(msg)
 
 
 def _train_anomalies_parser() -> ArgumentParser:
-    """The ``train_anomalies`` entry: :class:`WithAnomalies` arguments, less the datamodule it wraps."""
+    """The ``train_anomalies`` entry: :class:`WithAnomalies` arguments, less those the benchmark sets for every model
+    (the wrapped datamodule, the images moved out of test and the seed of that move): a model that moved test images
+    on its own would be tested on fewer images than the others."""
     parser = ArgumentParser(exit_on_error=False)
-    parser.add_class_arguments(WithAnomalies, skip={"datamodule"})
+    parser.add_class_arguments(WithAnomalies, skip={"datamodule", "move_from_test", "seed"})
     return parser
 
 
-def with_training_anomalies(datamodule: AnomalibDataModule, train_anomalies: dict[str, Any]) -> WithAnomalies:
-    """``datamodule`` wrapped in :class:`WithAnomalies` with the config's arguments (e.g. confetti noise).
+def with_training_anomalies(
+    datamodule: AnomalibDataModule, train_anomalies: dict[str, Any] | None, move_from_test: int, seed: int
+) -> AnomalibDataModule:
+    """``datamodule`` wrapped in :class:`WithAnomalies`: the benchmark's moved test images, the model's anomalies.
 
     Args:
         datamodule: The job's datamodule.
-        train_anomalies: The model's ``train_anomalies`` entry: :class:`WithAnomalies` arguments.
+        train_anomalies: The model's ``train_anomalies`` entry (:class:`WithAnomalies` arguments, e.g. confetti
+            noise), or ``None``. Unlike ``WithAnomalies``, a model trains on the moved images only with
+            ``train_on_moved: true``: the others are tested on the same reduced test set and never see them.
+        move_from_test: Anomalous test images per defect type moved out of test (and validation), for every model
+            alike.
+        seed: Seed of the move: the job's, so every model of a seed gets the same test set.
 
     Returns:
-        The wrapping datamodule.
+        The wrapping datamodule, or ``datamodule`` itself when there is nothing to add or move.
     """
+    if train_anomalies is None and not move_from_test:
+        return datamodule
     parser = _train_anomalies_parser()
-    options = parser.instantiate_classes(parser.parse_object(train_anomalies))
-    return WithAnomalies(datamodule, **dict(options.items()))
+    options = parser.instantiate_classes(parser.parse_object({"train_on_moved": False, **(train_anomalies or {})}))
+    return WithAnomalies(datamodule, move_from_test=move_from_test, seed=seed, **dict(options.items()))
 
 
 def _data_specs(entry: str | dict[str, Any], index: int) -> Iterator[DataSpec]:

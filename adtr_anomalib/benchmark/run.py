@@ -181,7 +181,7 @@ def run_benchmark(settings: Namespace, config: str) -> int:
 
 
 def _start_checkpoint(job: Job, records: dict[str, dict[str, Any]]) -> str | None:
-    """The checkpoint of the ADTR job this ADTR+ job starts from (same dataset and seed)."""
+    """The checkpoint of the ADTR job this ADTR or ADTR+ job starts from (same dataset and seed)."""
     if job.parent is None:
         return None
     parent = records.get(job.parent)
@@ -202,17 +202,18 @@ def run_job(job: Job, settings: Namespace, start_checkpoint: str | None, callbac
     """Fit and test one model on one dataset with one seed; return its metrics, timings and costs."""
     seed_everything(job.seed, workers=True)
     datamodule = job.data.build(job.seed, settings.batch_size, settings.num_workers)
-    if job.model.train_anomalies is not None:
-        datamodule = with_training_anomalies(datamodule, job.model.train_anomalies)
+    datamodule = with_training_anomalies(datamodule, job.model.train_anomalies, settings.move_from_test, job.seed)
     if settings.max_train_images or settings.max_test_images_per_label:
         # Set up here so the subsets can be drawn; Lightning's own setup calls then keep them.
         datamodule.prepare_data()
         datamodule.setup(TrainerFn.FITTING)
         subsample_splits(datamodule, settings.max_train_images, settings.max_test_images_per_label, seed=job.seed)
     options = dict(job.model.init_args)
-    if start_checkpoint is not None:
+    if start_checkpoint is not None and job.model.key == "adtr_plus":
         options["adtr_checkpoint"] = start_checkpoint
     model = build_model(job.model.key, settings.backbone, settings.image_size, settings.weights, **options)
+    if start_checkpoint is not None and job.model.key == "adtr":  # trained further, fresh optimiser and schedule
+        model.load_network_weights(start_checkpoint, argument="start_from")
     # PaDiM and PatchCore fix their single pass themselves; the configured epochs are for trained models.
     epochs = int(model.trainer_arguments.get("max_epochs", job.model.epochs))
     engine = Engine(

@@ -36,6 +36,7 @@ from .checkpoints import (
     check_checkpoint_file,
     fill_statistics,
     match_evaluator_state,
+    read_network_state,
     rng_state,
     set_rng_state,
 )
@@ -46,20 +47,6 @@ from .training import RECIPES, check_finite, lr_scheduler, native_bf16
 
 logger = logging.getLogger(__name__)
 
-# Constructor arguments that shape the network's tensors: an ADTR checkpoint that ADTR+ starts from must match them.
-ARCHITECTURE_ARGUMENTS = (
-    "backbone",
-    "layers",
-    "feature_stride",
-    "patch_size",
-    "reconstructor",
-    "hidden_dim",
-    "num_encoder_layers",
-    "num_decoder_layers",
-    "num_heads",
-    "ffn_dim",
-    "normalize_features",
-)
 # The constructor arguments of ADTR and ADTR+ that `ADTRModel` takes: all of its own but the weights source and the
 # image size (set by the pre-processor).
 MODEL_ARGUMENTS = tuple(
@@ -214,6 +201,24 @@ class ADTRLightningMixin:
         """
         if self.hparams.pre_trained and not bool(self.model.backbone_weights_loaded):
             self.model.load_backbone_weights(self.hparams.weights)
+
+    def load_network_weights(self, path: str | Path, argument: str = "checkpoint") -> None:
+        """Copy the ``ADTRModel`` weights (backbone, transformer, statistics) of a trained ADTR or ADTR+ file.
+
+        The start of ADTR+ (``adtr_checkpoint``), or of an ADTR trained further with a fresh optimiser and schedule
+        (the benchmark's ``start_from``); a resumed run uses Lightning's ``ckpt_path`` instead.
+
+        Args:
+            path: A Lightning ``.ckpt`` of ADTR or ADTR+, or a saved ``ADTRModel`` state dict.
+            argument: The argument that named the file, for the error messages.
+
+        Raises:
+            FileNotFoundError: If ``path`` does not exist.
+            ValueError: If the file is no checkpoint of this network; the message names the differences.
+        """
+        owner = type(self).__name__
+        safe = self.checkpoint_safe_globals()  # type: ignore[attr-defined]
+        self.model.load_state_dict(read_network_state(path, self.model, self.hparams, argument, owner, safe))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Also save the random number generators, so a run resumed from this checkpoint continues exactly."""

@@ -3,7 +3,8 @@
 - a file that is no checkpoint is refused with its name before torch reads it;
 - the random number generators are saved and restored, so a resumed run continues exactly;
 - a checkpoint defines the network it was trained with, and loads whatever evaluator it was saved with;
-- checkpoints from before the feature and map statistics load with identity statistics.
+- checkpoints from before the feature and map statistics load with identity statistics;
+- a trained network's weights are read from a file (ADTR+'s start, a continued ADTR) with its mismatches named.
 """
 
 from __future__ import annotations
@@ -17,13 +18,31 @@ from typing import Any
 
 import numpy as np
 import torch
+from anomalib.utils.serialization import anomalib_safe_globals
 from lightning.fabric.plugins import TorchCheckpointIO
 from torch import nn
+
+from .adtr.torch_model import FEATURE_STATISTICS, MAP_STATISTICS
 
 logger = logging.getLogger(__name__)
 
 # Checkpoint entry holding the random number generators' state, so a resumed run continues exactly.
 RNG_STATE_KEY = "adtr_rng_state"
+
+# Constructor arguments that shape the network's tensors: a checkpoint that a model starts from must match them.
+ARCHITECTURE_ARGUMENTS = (
+    "backbone",
+    "layers",
+    "feature_stride",
+    "patch_size",
+    "reconstructor",
+    "hidden_dim",
+    "num_encoder_layers",
+    "num_decoder_layers",
+    "num_heads",
+    "ffn_dim",
+    "normalize_features",
+)
 
 
 def check_checkpoint_file(path: str | Path | None) -> None:
@@ -183,3 +202,88 @@ def fill_statistics(checkpoint: dict[str, Any], model: nn.Module, names: Iterabl
     if saved is not None:
         for name in names:
             saved.setdefault(f"{prefix}{name}", getattr(model, name))
+
+
+def read_network_state(
+    path: str | Path, network: nn.Module, hparams: Any, argument: str, owner: str, safe_globals: list
+) -> dict[str, torch.Tensor]:
+    """The ``ADTRModel`` state dict of a trained ADTR or ADTR+ file, checked against ``network`` before loading.
+
+    Args:
+        path: A Lightning ``.ckpt`` of ADTR or ADTR+, or a saved ``ADTRModel`` state dict.
+        network: The ``ADTRModel`` that will load it (missing statistics are taken from it: identity).
+        hparams: The loading model's constructor arguments, compared with those the file was trained with.
+        argument: The argument that named the file, for the messages.
+        owner: The loading model's class name, for the messages.
+        safe_globals: Classes ``torch.load(weights_only=True)`` may rebuild (the model's checkpoint globals).
+
+    Returns:
+        The state dict, ready for ``network.load_state_dict(state, strict=True)``.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        ValueError: If the file is not a checkpoint of this network (names the differences).
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        msg = f"{argument} '{path}' does not exist."
+        raise FileNotFoundError(msg)
+    try:
+        with anomalib_safe_globals(extra=safe_globals):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        msg = f"{argument} '{path}' could not be read as a torch checkpoint: {error}"
+        raise ValueError(msg) from error
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        msg = f"{argument} '{path}' holds no state dict."
+        raise ValueError(msg)
+    if any(key.startswith("model.") for key in state):  # a Lightning checkpoint of ADTR or ADTR+
+        state = {key.removeprefix("model."): value for key, value in state.items() if key.startswith("model.")}
+    if any(key.startswith("reconstructor.") for key in state):  # saved before the statistics: identity
+        fill_statistics(state, network, (*FEATURE_STATISTICS, *MAP_STATISTICS), prefix="")
+    trained_with = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
+    architecture = {key: trained_with[key] for key in ARCHITECTURE_ARGUMENTS if key in trained_with}
+    # Shapes alone miss a different head count or backbone of the same width: compare the saved arguments.
+    differs = [key for key, value in architecture.items() if plain(value) != plain(hparams[key])]
+    # The map statistics' shape follows the image size too, but says less than the learned tensors.
+    problem = state_dict_mismatch(network.state_dict(), state, last=MAP_STATISTICS)
+    if differs:
+        problem = "; ".join(f"{key}={architecture[key]!r} there, {hparams[key]!r} here" for key in differs)
+    if problem:
+        msg = (
+            f"{argument} '{path}' does not fit this {owner} model ({problem}). Build {owner} with the same "
+            "backbone, layers, transformer sizes and image size as the trained model"
+            + (f"; the checkpoint's: {architecture}." if architecture else ".")
+        )
+        raise ValueError(msg)
+    return state
+
+
+def state_dict_mismatch(expected: dict[str, torch.Tensor], given: dict[str, Any], last: Iterable[str] = ()) -> str:
+    """One line on how ``given`` differs from ``expected`` (empty when it loads), instead of torch's long list.
+
+    Args:
+        expected: The state dict of the network to load into.
+        given: The state dict read from the file.
+        last: Keys to report after the others (they say less about what went wrong).
+
+    Returns:
+        The differences, or an empty string.
+    """
+    missing = sorted(expected.keys() - given.keys())
+    unexpected = sorted(given.keys() - expected.keys())
+    ordered = sorted(expected.items(), key=lambda item: item[0] in set(last))
+    wrong_shape = [
+        f"{key}: {tuple(getattr(given[key], 'shape', ()))} in the file, {tuple(value.shape)} here"
+        for key, value in ordered
+        if key in given and getattr(given[key], "shape", None) != value.shape
+    ]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} tensors missing, e.g. {missing[0]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
+    if wrong_shape:
+        parts.append(f"{len(wrong_shape)} with other shapes, e.g. {wrong_shape[0]}")
+    return "; ".join(parts)

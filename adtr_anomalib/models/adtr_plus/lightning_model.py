@@ -26,13 +26,9 @@ import torch
 from anomalib import TaskType
 from anomalib.data import Batch
 from anomalib.models.components import AnomalibModule
-from anomalib.utils.serialization import anomalib_safe_globals
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
 from adtr_anomalib.models.adtr import ADTR
-from adtr_anomalib.models.adtr.torch_model import FEATURE_STATISTICS, MAP_STATISTICS
-from adtr_anomalib.models.base import ARCHITECTURE_ARGUMENTS
-from adtr_anomalib.models.checkpoints import fill_statistics, plain
 from adtr_anomalib.models.training import check_finite
 
 from .loss import ADTRPlusLoss, masks_to_token_labels, pseudo_huber_error
@@ -122,45 +118,8 @@ class ADTRPlus(ADTR, AnomalibModule):
         super().load_weights()
 
     def load_adtr_checkpoint(self, path: str | Path) -> None:
-        """Copy the ``ADTRModel`` weights of a trained ADTR into this model.
-
-        Raises:
-            FileNotFoundError: If ``path`` does not exist.
-            ValueError: If the file is not an ADTR checkpoint or its network differs from this one.
-        """
-        path = Path(path).expanduser()
-        if not path.is_file():
-            msg = f"adtr_checkpoint '{path}' does not exist."
-            raise FileNotFoundError(msg)
-        try:
-            with anomalib_safe_globals(extra=self.checkpoint_safe_globals()):
-                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:
-            msg = f"adtr_checkpoint '{path}' could not be read as a torch checkpoint: {error}"
-            raise ValueError(msg) from error
-        state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-        if not isinstance(state, dict):
-            msg = f"adtr_checkpoint '{path}' holds no state dict."
-            raise ValueError(msg)
-        if any(key.startswith("model.") for key in state):  # a Lightning checkpoint of ADTR or ADTR+
-            state = {key.removeprefix("model."): value for key, value in state.items() if key.startswith("model.")}
-        if any(key.startswith("reconstructor.") for key in state):  # saved before the statistics: identity
-            fill_statistics(state, self.model, (*FEATURE_STATISTICS, *MAP_STATISTICS), prefix="")
-        trained_with = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
-        architecture = {key: trained_with[key] for key in ARCHITECTURE_ARGUMENTS if key in trained_with}
-        # Shapes alone miss a different head count or backbone of the same width: compare the saved arguments.
-        differs = [key for key, value in architecture.items() if plain(value) != plain(self.hparams[key])]
-        problem = _state_dict_mismatch(self.model.state_dict(), state)
-        if differs:
-            problem = "; ".join(f"{key}={architecture[key]!r} there, {self.hparams[key]!r} here" for key in differs)
-        if problem:
-            msg = (
-                f"adtr_checkpoint '{path}' does not fit this ADTRPlus model ({problem}). Build ADTRPlus with the "
-                "same backbone, layers, transformer sizes and image size as the ADTR model"
-                + (f"; the checkpoint's: {architecture}." if architecture else ".")
-            )
-            raise ValueError(msg)
-        self.model.load_state_dict(state, strict=True)
+        """Start from the ``ADTRModel`` weights of a trained ADTR (see :meth:`ADTR.load_network_weights`)."""
+        self.load_network_weights(path, argument="adtr_checkpoint")
         self.adtr_checkpoint_loaded.fill_(True)
         logger.info("ADTRPlus: started from the ADTR checkpoint '%s'.", path)
 
@@ -203,24 +162,3 @@ class ADTRPlus(ADTR, AnomalibModule):
         check_finite(loss, self.global_step)
         self.log("train_loss", loss.detach(), on_step=False, on_epoch=True, prog_bar=True, batch_size=len(error))
         return {"loss": loss}
-
-
-def _state_dict_mismatch(expected: dict[str, torch.Tensor], given: dict[str, Any]) -> str:
-    """One line on how ``given`` differs from ``expected`` (empty when it loads), instead of torch's long list."""
-    missing = sorted(expected.keys() - given.keys())
-    unexpected = sorted(given.keys() - expected.keys())
-    # Learned tensors first: the map statistics' shape follows the image size too, but says less.
-    ordered = sorted(expected.items(), key=lambda item: item[0] in MAP_STATISTICS)
-    wrong_shape = [
-        f"{key}: {tuple(getattr(given[key], 'shape', ()))} in the file, {tuple(value.shape)} here"
-        for key, value in ordered
-        if key in given and getattr(given[key], "shape", None) != value.shape
-    ]
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} tensors missing, e.g. {missing[0]}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
-    if wrong_shape:
-        parts.append(f"{len(wrong_shape)} with other shapes, e.g. {wrong_shape[0]}")
-    return "; ".join(parts)
