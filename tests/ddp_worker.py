@@ -9,8 +9,11 @@ features, the anomalies moved into training); rank 0 also writes the test metric
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
+import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -104,4 +107,13 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Every rank's own failure, where the test can read it: the ranks share one output stream, whose tail the test
+    # shows, so a rank that fails first is otherwise hidden behind the other rank's "connection closed" error.
+    faulthandler.enable()  # a crash in native code prints its Python stack
+    try:
+        main()
+    except BaseException:
+        out = Path(sys.argv[sys.argv.index("--out") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"rank{os.environ.get('LOCAL_RANK', '0')}.error").write_text(traceback.format_exc())
+        raise

@@ -28,7 +28,8 @@ def _run(root: Path, out: Path, devices: int) -> list[dict]:
     result = subprocess.run(
         [*command, str(devices)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    errors = "".join(f"\n--- {path.name}:\n{path.read_text()}" for path in sorted(out.glob("rank*.error")))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + errors
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(devices)]
 
 
