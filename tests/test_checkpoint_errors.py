@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 
 from adtr_anomalib import ADTR, ADTRPlus
 from adtr_anomalib.data import mvtec_layout_folder
@@ -21,6 +22,16 @@ def part(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def adtr_checkpoint(part: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     engine = tiny_engine(tmp_path_factory.mktemp("adtr"))
     engine.fit(tiny_adtr(), datamodule=mvtec_layout_folder(part, train_batch_size=4, eval_batch_size=4))
+    return Path(engine.trainer.checkpoint_callback.best_model_path)
+
+
+@pytest.fixture(scope="module")
+def adtr_plus_checkpoint(part: Path, adtr_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ADTR+ trained from ``adtr_checkpoint``: the way the message for an ADTR checkpoint names works."""
+    engine = tiny_engine(tmp_path_factory.mktemp("adtr_plus"))
+    plus = tiny_adtr(model_class=ADTRPlus, adtr_checkpoint=str(adtr_checkpoint))
+    engine.fit(plus, datamodule=mvtec_layout_folder(part, train_batch_size=4, eval_batch_size=4))
+    assert bool(plus.adtr_checkpoint_loaded)
     return Path(engine.trainer.checkpoint_callback.best_model_path)
 
 
@@ -47,7 +58,7 @@ def test_a_real_checkpoint_still_loads(part: Path, adtr_checkpoint: Path, tmp_pa
 
 
 def test_adtr_checkpoint_given_to_adtr_plus_says_how_to_start_from_it(
-    part: Path, adtr_checkpoint: Path, tmp_path: Path
+    part: Path, adtr_checkpoint: Path, adtr_plus_checkpoint: Path, tmp_path: Path
 ) -> None:
     plus = tiny_adtr(model_class=ADTRPlus)
     with pytest.raises(ValueError, match=r"saved by ADTR, not ADTRPlus.*adtr_checkpoint") as error:
@@ -55,10 +66,25 @@ def test_adtr_checkpoint_given_to_adtr_plus_says_how_to_start_from_it(
     assert str(adtr_checkpoint) in str(error.value)
     with pytest.raises(ValueError, match="saved by ADTR, not ADTRPlus"):
         ADTRPlus.load_from_checkpoint(adtr_checkpoint)
-    # The way the message names works: the same file as adtr_checkpoint starts an ADTR+ fit.
-    plus = tiny_adtr(model_class=ADTRPlus, adtr_checkpoint=str(adtr_checkpoint))
-    tiny_engine(tmp_path / "plus").fit(plus, datamodule=_data(part))
-    assert bool(plus.adtr_checkpoint_loaded)
+    # The way the message names works: the same file as adtr_checkpoint started an ADTR+ fit (the fixture).
+    assert bool(ADTRPlus.load_from_checkpoint(adtr_plus_checkpoint).adtr_checkpoint_loaded)
+
+
+def test_adtr_plus_checkpoint_given_to_adtr_says_to_load_it_as_adtr_plus(
+    part: Path, adtr_plus_checkpoint: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match=r"saved by ADTRPlus, not ADTR\..*ADTRPlus.load_from_checkpoint") as error:
+        tiny_engine(tmp_path / "results").test(tiny_adtr(), datamodule=_data(part), ckpt_path=adtr_plus_checkpoint)
+    assert str(adtr_plus_checkpoint) in str(error.value)
+    with pytest.raises(ValueError, match=r"saved by ADTRPlus, not ADTR\."):
+        ADTR.load_from_checkpoint(adtr_plus_checkpoint)
+    # Both ways the message names work: loaded as ADTR+ it scores; its weights start a new ADTR.
+    plus = ADTRPlus.load_from_checkpoint(adtr_plus_checkpoint)
+    assert _scored(tiny_engine(tmp_path / "plus").predict(plus, datamodule=_data(part))) == 4
+    adtr = tiny_adtr()
+    adtr.load_network_weights(adtr_plus_checkpoint)
+    trained = plus.model.state_dict()
+    assert all(torch.equal(value, trained[key]) for key, value in adtr.model.state_dict().items())
 
 
 @pytest.mark.parametrize("stage", ["test", "predict"])

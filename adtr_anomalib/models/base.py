@@ -34,6 +34,7 @@ from .checkpoints import (
     RNG_STATE_KEY,
     adopt_network_arguments,
     check_checkpoint_file,
+    check_saved_by,
     fill_statistics,
     match_evaluator_state,
     read_network_state,
@@ -237,6 +238,9 @@ class ADTRLightningMixin:
         ``configure_optimizers`` (``estimated_stepping_batches``), before any later hook. A plain load, or a test
         from a checkpoint, leaves the caller's generators alone.
         """
+        path = getattr(getattr(self, "_trainer", None), "ckpt_path", None)
+        is_plus = "adtr_checkpoint" in constructor_parameters(type(self))
+        check_saved_by(checkpoint, type(self).__name__, is_plus, path)
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
         size = self.input_size
         size = (int(size[0]), int(size[1])) if size is not None else self.model.input_size

@@ -2,6 +2,7 @@
 
 - a file that is no checkpoint is refused with its name before torch reads it;
 - the random number generators are saved and restored, so a resumed run continues exactly;
+- a checkpoint of the other model (ADTR's given to ADTR+ or back) is refused with how to use it;
 - a checkpoint defines the network it was trained with, and loads whatever evaluator it was saved with;
 - checkpoints from before the feature and map statistics load with identity statistics;
 - a trained network's weights are read from a file (ADTR+'s start, a continued ADTR) with its mismatches named.
@@ -141,6 +142,41 @@ def plain(value: Any) -> Any:
         ``value`` as a list if it is a tuple or list, otherwise unchanged.
     """
     return list(value) if isinstance(value, tuple | list) else value
+
+
+def check_saved_by(checkpoint: dict[str, Any], owner: str, owner_is_plus: bool, path: Any) -> None:
+    """Refuse a checkpoint of the other model class, with the way to use it.
+
+    ADTR and ADTR+ share the network, so without this Lightning would report only a missing or unexpected
+    ``adtr_checkpoint_loaded`` entry. An ADTR+ checkpoint is recognised by its ``adtr_checkpoint`` argument.
+
+    Args:
+        checkpoint: The loaded Lightning checkpoint.
+        owner: The loading model's class name, for the message.
+        owner_is_plus: Whether the loading model is ADTR+ (takes ``adtr_checkpoint``).
+        path: The checkpoint's path for the message (``None`` when unknown, e.g. ``load_from_checkpoint``).
+
+    Raises:
+        ValueError: If the checkpoint was saved by the other model.
+    """
+    saved_by_plus = "adtr_checkpoint" in (checkpoint.get("hyper_parameters") or {})
+    if saved_by_plus == owner_is_plus:
+        return
+    name, arg = (str(path), repr(str(path))) if path else ("The checkpoint", "path")
+    if owner_is_plus:
+        msg = (
+            f"{name} was saved by ADTR, not {owner}. To train ADTR+ starting from it, pass it as adtr_checkpoint: "
+            f"ADTRPlus(adtr_checkpoint={arg}) or --model.adtr_checkpoint {arg} (ckpt_path takes ADTRPlus "
+            "checkpoints only); to test or export it, use --model ADTR."
+        )
+    else:
+        msg = (
+            f"{name} was saved by ADTRPlus, not {owner}. To test, predict or export it, load it as ADTR+: "
+            f"ADTRPlus.load_from_checkpoint({arg}) or --model ADTRPlus (the same network and scores). To train "
+            f"ADTR further from its weights, start a new model with the same arguments from them: "
+            f"{owner}(...).load_network_weights({arg})."
+        )
+    raise ValueError(msg)
 
 
 def adopt_network_arguments(checkpoint: dict[str, Any], hparams: Any, names: Iterable[str], owner: str) -> bool:

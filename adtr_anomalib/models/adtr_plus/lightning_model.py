@@ -98,18 +98,6 @@ class ADTRPlus(ADTR, AnomalibModule):
         # the ADTR starting point when it is trained further.
         self.register_buffer("adtr_checkpoint_loaded", torch.tensor(False))
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse an ADTR checkpoint with the way to start ADTR+ from it (Lightning would report missing keys)."""
-        if "adtr_checkpoint" not in (checkpoint.get("hyper_parameters") or {}):
-            path = getattr(getattr(self, "_trainer", None), "ckpt_path", None) or "the checkpoint"
-            msg = (
-                f"{path} was saved by ADTR, not ADTRPlus. To train ADTR+ starting from it, pass it as "
-                f"adtr_checkpoint: ADTRPlus(adtr_checkpoint='{path}') or --model.adtr_checkpoint {path} (ckpt_path "
-                "takes ADTRPlus checkpoints only); to test or export it, use --model ADTR."
-            )
-            raise ValueError(msg)
-        super().on_load_checkpoint(checkpoint)
-
     def load_weights(self) -> None:
         """Load the ADTR starting point (once, before training; a resumed ADTR+ checkpoint has it), then ADTR's
         backbone weights if still needed."""
