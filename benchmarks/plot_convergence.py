@@ -6,9 +6,9 @@ mean, standard deviation and range over seeds at every evaluated epoch.
 
     python benchmarks/plot_convergence.py --x epoch --peers benchmarks/results/peers/results.csv
 
-It also writes ``--comparison``: the recipes ``fast`` and ``fast_stride8`` side by side with the peers (README),
-when the curves have both; and with ``--table``, every recipe's metrics at every evaluated epoch (mean and range
-over seeds) as Markdown.
+It also writes ``--comparison``: the recipes ``fast``, ``fast_stride8`` and ``fast_stride8_mlp`` side by side with the
+peers (README), when the curves have the first two; and with ``--table``, every recipe's metrics at every evaluated
+epoch (mean and range over seeds) as Markdown.
 """
 
 from __future__ import annotations
@@ -174,10 +174,12 @@ STRIDE16 = {
     "texture": ("fast_full_map", 8, "pixel_AUROC_no32_posz", "pixel_AUPRO_no32_posz", "image_AUROC_posz_pool16_max"),
 }
 STRIDE8 = ("fast_s8p2_posz", 6, "pixel_AUROC", "pixel_AUPRO", "image_AUROC_pool16_max")
+MLP = ("fast_stride8_mlp", 6, "pixel_AUROC", "pixel_AUPRO", "image_AUROC_pool16_max")  # fast_stride8 without attention
 
 
 def recipe_table(summary: list[dict[str, object]], peer_rows: dict) -> str:
-    """Markdown: ``fast`` (stride 16) against ``fast_stride8`` and the peers, the range over seeds in each cell."""
+    """Markdown: ``fast`` (stride 16), ``fast_stride8`` and ``fast_stride8_mlp`` against the peers, the range over
+    seeds in each cell."""
     entries = {(e["dataset"], e["recipe"], e["epoch"]): e for e in summary}
 
     def cell(dataset: str, arm: str, epoch: int, column: str) -> str:
@@ -188,8 +190,9 @@ def recipe_table(summary: list[dict[str, object]], peer_rows: dict) -> str:
         return low if low == high else f"{low}-{high}"
 
     lines = [
-        "| data set | metric | `fast`, stride 16, epoch 8 | `fast_stride8`, epoch 6 | PaDiM | PatchCore |",
-        "|---|---|---|---|---|---|",
+        "| data set | metric | `fast`, stride 16, epoch 8 | `fast_stride8`, epoch 6 | `fast_stride8_mlp`, epoch 6 "
+        "| PaDiM | PatchCore |",
+        "|---|---|---|---|---|---|---|",
     ]
     for dataset in ("bsdata", "brick", "gravel", "grass"):
         coarse = STRIDE16["bsdata" if dataset == "bsdata" else "texture"]
@@ -203,6 +206,7 @@ def recipe_table(summary: list[dict[str, object]], peer_rows: dict) -> str:
                 metric,
                 cell(dataset, coarse[0], coarse[1], coarse[2 + index]),
                 cell(dataset, STRIDE8[0], STRIDE8[1], STRIDE8[2 + index]),
+                cell(dataset, MLP[0], MLP[1], MLP[2 + index]),
                 *("n/a" if value is None else f"{value:.3f}" for value in peer),
             ]
             lines.append("| " + " | ".join(row) + " |")

@@ -139,6 +139,18 @@ def test_fast_stride8_recipe_is_fast_on_a_stride_8_map_with_as_many_tokens() -> 
     assert (maps["fine"], maps["coarse"]) == ((32, 32), (16, 16))
 
 
+def test_fast_stride8_mlp_recipe_is_fast_stride8_without_attention() -> None:
+    mlp = ADTR(backbone="tf_efficientnet_lite0", recipe="fast_stride8_mlp", pre_trained=False)
+    attention = ADTR(backbone="tf_efficientnet_lite0", recipe="fast_stride8", pre_trained=False)
+    for key in RECIPES["fast_stride8"]:
+        assert mlp.hparams[key] == attention.hparams[key], key
+    assert (mlp.hparams.reconstructor, attention.hparams.reconstructor) == ("mlp", "transformer")
+    layers = {type(module).__name__ for module in mlp.model.reconstructor.modules()}
+    assert "_Attention" not in layers
+    assert not hasattr(mlp.model.reconstructor, "query_embed")
+    assert "_Attention" in {type(module).__name__ for module in attention.model.reconstructor.modules()}
+
+
 def test_the_demo_offers_every_recipe() -> None:
     from adtr_anomalib.__main__ import RECIPE_NAMES
 

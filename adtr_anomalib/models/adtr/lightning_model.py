@@ -88,8 +88,8 @@ class ADTR(ADTRLightningMixin, AnomalibModule):
             dropout, feature jitter 20, normalised features, lr 1e-3 with 100 warmup steps, cosine decay,
             gradient clip 0.1, pixel map without the stride-32 stage, maps standardised per pixel), or
             ``"fast_stride8"``: ``"fast"`` with ``feature_stride=8, patch_size=2`` (a stride-8 map at the same
-            number of tokens). It sets only the arguments left at their defaults (``map_layers`` only with the
-            default ``layers``).
+            number of tokens), or ``"fast_stride8_mlp"``: that without attention (``reconstructor="mlp"``). It sets
+            only the arguments left at their defaults (``map_layers`` only with the default ``layers``).
         pre_processor: Pre-processor, or ``True`` for resize to 256x256 plus the backbone's own normalisation.
         post_processor: Post-processor, or ``True`` for anomalib's default.
         evaluator: Evaluator, or ``True`` for anomalib's default metrics.
