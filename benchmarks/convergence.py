@@ -120,7 +120,7 @@ RECIPES_TRIED: dict[str, Recipe] = {
     "fast_s8p2_posz": Recipe(**RECIPES["fast_stride8"]),
     # The paper's Table 4 "without attention" on the recommended recipe: the encoder's and decoder's feed-forward
     # blocks alone, each token reconstructed on its own (as PaDiM and PatchCore score each patch on its own).
-    "fast_stride8_mlp": Recipe(**RECIPES["fast_stride8"], reconstructor="mlp"),
+    "fast_stride8_mlp": Recipe(**RECIPES["fast_stride8_mlp"]),
     # Map statistics from normal images the model never trained on (*_held columns) against the training images'.
     "fast_holdout": replace(FULL_MAP, holdout=0.1),
 }

@@ -173,8 +173,9 @@ STRIDE16 = {
     "bsdata": ("fast", 8, "pixel_AUROC", "pixel_AUPRO", "image_AUROC_pool16_max"),
     "texture": ("fast_full_map", 8, "pixel_AUROC_no32_posz", "pixel_AUPRO_no32_posz", "image_AUROC_posz_pool16_max"),
 }
-STRIDE8 = ("fast_s8p2_posz", 6, "pixel_AUROC", "pixel_AUPRO", "image_AUROC_pool16_max")
-MLP = ("fast_stride8_mlp", 6, "pixel_AUROC", "pixel_AUPRO", "image_AUROC_pool16_max")  # fast_stride8 without attention
+PLAIN_COLUMNS = ("pixel_AUROC", "pixel_AUPRO", "image_AUROC_pool16_max")
+STRIDE8 = ("fast_s8p2_posz", 6, *PLAIN_COLUMNS)
+MLP = ("fast_stride8_mlp", 6, *PLAIN_COLUMNS)  # fast_stride8 without attention
 
 
 def recipe_table(summary: list[dict[str, object]], peer_rows: dict) -> str:
