@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 DEMO_EPOCHS = 6
-DEMO_RECIPE = "fast_stride8"
+DEMO_RECIPE = "fast_stride8_local"
 # The names of adtr_anomalib.models.training.RECIPES, written out so `--help` does not import torch (a test checks).
-RECIPE_NAMES = ("fast", "fast_stride8", "fast_stride8_mlp", "paper")
+RECIPE_NAMES = ("fast", "fast_stride8", "fast_stride8_local", "fast_stride8_mlp", "paper")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -77,6 +77,8 @@ class Recipe:
     holdout: float = 0.0
     attention_dropout: str = "weights"
     reconstructor: str = "transformer"
+    neighbor_mask: int = 0
+    attention_locality: float = 0.0
 
     def __post_init__(self) -> None:
         if self.map_layers is not None:  # RECIPES hold lists; a tuple keeps the dataclass hashable and its repr stable
@@ -93,6 +95,8 @@ LATER_FIELDS = {
     "holdout": 0.0,
     "attention_dropout": "weights",
     "reconstructor": "transformer",
+    "neighbor_mask": 0,
+    "attention_locality": 0.0,
 }
 
 
@@ -121,9 +125,22 @@ RECIPES_TRIED: dict[str, Recipe] = {
     # The paper's Table 4 "without attention" on the recommended recipe: the encoder's and decoder's feed-forward
     # blocks alone, each token reconstructed on its own (as PaDiM and PatchCore score each patch on its own).
     "fast_stride8_mlp": Recipe(**RECIPES["fast_stride8_mlp"]),
+    # UniAD's neighbourhood mask on the recommended recipe: no token attends to the tokens around its own position
+    # (a 3x3 or 7x7 block of the 16x16 tokens), so it is rebuilt from its surroundings, not from itself.
+    "fast_stride8_nm3": Recipe(**RECIPES["fast_stride8"], neighbor_mask=3),  # type: ignore[arg-type]
+    "fast_stride8_nm7": Recipe(**RECIPES["fast_stride8"], neighbor_mask=7),  # type: ignore[arg-type]
+    # The opposite: attention biased towards the tokens near the query's position (a squared-distance penalty of 1
+    # per squared token step on every logit), while the decoder still starts from the learnable query.
+    "fast_stride8_local1": Recipe(**RECIPES["fast_stride8"], attention_locality=1.0),  # type: ignore[arg-type]
+    # Controls that learn nothing, scored with the recommended recipe's normalisations and maps (epoch 0): the
+    # reconstruction is the training features' mean at each position ("mean"), or zero ("zero": the map is the
+    # standardised features' norm). A trained reconstructor has to beat these to have learned anything.
+    "fast_stride8_mean": Recipe(**{**RECIPES["fast_stride8"], "reconstructor": "mean"}),  # type: ignore[arg-type]
+    "fast_stride8_zero": Recipe(**{**RECIPES["fast_stride8"], "reconstructor": "zero"}),  # type: ignore[arg-type]
     # Map statistics from normal images the model never trained on (*_held columns) against the training images'.
     "fast_holdout": replace(FULL_MAP, holdout=0.1),
 }
+CONTROLS = ("mean", "zero")  # the reconstructors of the controls, which train nothing
 # Image scores compared on the same maps: the paper's max of the 16x16-average-pooled map, and alternatives.
 SCORES = ("pool16_max", "pool32_max", "top1pct_mean", "max")
 
@@ -367,8 +384,31 @@ def map_metrics(maps: torch.Tensor, test: Split, *, pixel: bool = True) -> dict[
     return metrics
 
 
+class FixedReconstruction(torch.nn.Module):
+    """A control's "reconstruction" that learns nothing: one ``(1, C, h, w)`` tensor for every image."""
+
+    def __init__(self, reconstruction: torch.Tensor) -> None:
+        super().__init__()
+        self.reconstruction = reconstruction
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.reconstruction.expand_as(features)
+
+
+def control_row(recipe: Recipe, train: Split, test: Split) -> list[dict[str, Any]]:
+    """The one row (epoch 0) of a control: the training features' mean at each position, or zero."""
+    mean = train.features.mean(dim=0, keepdim=True)
+    control = FixedReconstruction(mean if recipe.reconstructor == "mean" else torch.zeros_like(mean))
+    loss = ADTRLoss(reduction=recipe.loss_reduction)(train.features, control(train.features))
+    metrics = evaluate(control, test, recipe, train)  # type: ignore[arg-type]
+    print("  epoch   0 " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items()), flush=True)
+    return [{"epoch": 0, "train_seconds": 0.0, "loss": float(loss), **metrics}]
+
+
 def train_curve(recipe: Recipe, train: Split, test: Split, seed: int, eval_epochs: list[int]) -> list[dict[str, Any]]:
     """Train one reconstructor for ``max(eval_epochs)`` epochs; test it after each epoch in ``eval_epochs``."""
+    if recipe.reconstructor in CONTROLS:
+        return control_row(recipe, train, test)
     torch.manual_seed(seed)
     held = None
     if recipe.holdout:
@@ -387,6 +427,8 @@ def train_curve(recipe: Recipe, train: Split, test: Split, seed: int, eval_epoch
         patch_size=recipe.patch_size,
         attention_dropout=recipe.attention_dropout,  # type: ignore[arg-type]
         kind=recipe.reconstructor,  # type: ignore[arg-type]
+        neighbor_mask=recipe.neighbor_mask,
+        attention_locality=recipe.attention_locality,
     )
     loss_fn = ADTRLoss(reduction=recipe.loss_reduction)
     optimizer = torch.optim.AdamW(reconstructor.parameters(), lr=recipe.lr, weight_decay=1e-4)

@@ -6,9 +6,9 @@ mean, standard deviation and range over seeds at every evaluated epoch.
 
     python benchmarks/plot_convergence.py --x epoch --peers benchmarks/results/peers/results.csv
 
-It also writes ``--comparison``: the recipes ``fast``, ``fast_stride8`` and ``fast_stride8_mlp`` side by side with the
-peers (README), when the curves have the first two; and with ``--table``, every recipe's metrics at every evaluated
-epoch (mean and range over seeds) as Markdown.
+It also writes ``--comparison``: the recipes ``fast``, ``fast_stride8``, ``fast_stride8_local`` and ``fast_stride8_mlp``
+side by side with the peers (README), when the curves have the first two; and with ``--table``, every recipe's
+metrics at every evaluated epoch (mean and range over seeds) as Markdown.
 """
 
 from __future__ import annotations
@@ -176,11 +176,12 @@ STRIDE16 = {
 PLAIN_COLUMNS = ("pixel_AUROC", "pixel_AUPRO", "image_AUROC_pool16_max")
 STRIDE8 = ("fast_s8p2_posz", 6, *PLAIN_COLUMNS)
 MLP = ("fast_stride8_mlp", 6, *PLAIN_COLUMNS)  # fast_stride8 without attention
+LOCAL = ("fast_stride8_local1", 6, *PLAIN_COLUMNS)  # fast_stride8 with local attention ("fast_stride8_local")
 
 
 def recipe_table(summary: list[dict[str, object]], peer_rows: dict) -> str:
-    """Markdown: ``fast`` (stride 16), ``fast_stride8`` and ``fast_stride8_mlp`` against the peers, the range over
-    seeds in each cell."""
+    """Markdown: ``fast`` (stride 16), ``fast_stride8``, ``fast_stride8_local`` and ``fast_stride8_mlp`` against the
+    peers, the range over seeds in each cell."""
     entries = {(e["dataset"], e["recipe"], e["epoch"]): e for e in summary}
 
     def cell(dataset: str, arm: str, epoch: int, column: str) -> str:
@@ -191,9 +192,9 @@ def recipe_table(summary: list[dict[str, object]], peer_rows: dict) -> str:
         return low if low == high else f"{low}-{high}"
 
     lines = [
-        "| data set | metric | `fast`, stride 16, epoch 8 | `fast_stride8`, epoch 6 | `fast_stride8_mlp`, epoch 6 "
-        "| PaDiM | PatchCore |",
-        "|---|---|---|---|---|---|---|",
+        "| data set | metric | `fast`, stride 16, epoch 8 | `fast_stride8`, epoch 6 | `fast_stride8_local`, epoch 6 "
+        "| `fast_stride8_mlp`, epoch 6 | PaDiM | PatchCore |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for dataset in ("bsdata", "brick", "gravel", "grass"):
         coarse = STRIDE16["bsdata" if dataset == "bsdata" else "texture"]
@@ -206,8 +207,7 @@ def recipe_table(summary: list[dict[str, object]], peer_rows: dict) -> str:
                 name if index == 0 else "",
                 metric,
                 cell(dataset, coarse[0], coarse[1], coarse[2 + index]),
-                cell(dataset, STRIDE8[0], STRIDE8[1], STRIDE8[2 + index]),
-                cell(dataset, MLP[0], MLP[1], MLP[2 + index]),
+                *(cell(dataset, arm[0], arm[1], arm[2 + index]) for arm in (STRIDE8, LOCAL, MLP)),
                 *("n/a" if value is None else f"{value:.3f}" for value in peer),
             ]
             lines.append("| " + " | ".join(row) + " |")

@@ -4,7 +4,8 @@ One process measures, in this order: the float32 and bfloat16 matmul peaks (2048
 images/s of the reconstructor (forward, backward, AdamW step) on features of the Lite0 shape (512 channels, 16x16
 tokens, batch 16; drawn once, outside the timed steps) for the paper's configuration and for the "fast" recipe,
 the latter also on the stride-8 grid with 2x2 patch tokens (``feature_stride=8, patch_size=2``), and for the paper's
-configuration with ``attention_dropout="keys"``; the last line is for the recommended recipe, ``"fast_stride8"``.
+configuration with ``attention_dropout="keys"``; the last line is for ``"fast_stride8"`` (the recommended
+``"fast_stride8_local"`` adds a constant bias to its attention logits, not timed here).
 The configurations' steps are timed in turns and the fastest step of each counts, so a busy spell on a shared
 machine does not favour one. FLOPs are counted by ``torch.utils.flop_counter`` over one real step, not estimated.
 Training runs in bf16 where the CPU computes it natively (``native_bf16``) and in float32 elsewhere, as
@@ -35,7 +36,7 @@ from adtr_anomalib.models.adtr.torch_model import ADTRReconstructor
 from adtr_anomalib.models.training import RECIPES, native_bf16
 
 CHANNELS, TOKENS, BATCH = 512, 256, 16
-RECOMMENDED = "fast, stride 8 with 2x2 patch tokens"  # recipe "fast_stride8", the recommended one
+RECOMMENDED = "fast, stride 8 with 2x2 patch tokens"  # recipe "fast_stride8", the recommended one's network
 
 
 def matmul_peak(dtype: torch.dtype, size: int = 2048, seconds: float = 3.0) -> float:

@@ -113,3 +113,12 @@ def tiny_torch_model(size: int = 32, **kwargs: object) -> ADTRModel:
     """Random-weight Lite0 ``ADTRModel`` on two stages with the one-layer transformer, in eval mode."""
     options = {"layers": ("blocks.1", "blocks.2"), "feature_stride": 8, "pooling_kernel": 8, **TINY, **kwargs}
     return ADTRModel("tf_efficientnet_lite0", pre_trained=False, input_size=(size, size), **options).eval()
+
+
+def onnx_outputs(model: ADTR, export_root: Path, images: torch.Tensor) -> dict[str, np.ndarray]:
+    """Export ``model`` with anomalib's ``to_onnx`` and run ``images`` through ONNX Runtime: outputs by name."""
+    import onnxruntime  # here, not at the top: only the export tests need it
+
+    session = onnxruntime.InferenceSession(str(model.to_onnx(export_root)), providers=["CPUExecutionProvider"])
+    names = [output.name for output in session.get_outputs()]
+    return dict(zip(names, session.run(None, {"input": images.numpy()}), strict=True))

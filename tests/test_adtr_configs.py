@@ -36,7 +36,8 @@ def test_config_builds_the_model_without_downloading(name: str) -> None:
 def test_recommended_offline_config_uses_the_fast_recipe_and_held_out_validation() -> None:
     init = AnomalibCLI(["train", "-c", str(CONFIGS / "lite0_offline.yaml")], run=False).config_init["train"]
     model, data = init["model"], init["data"]
-    assert model.hparams.recipe == "fast_stride8"
+    assert model.hparams.recipe == "fast_stride8_local"
+    assert model.hparams.attention_locality == 1.0
     assert (model.hparams.feature_stride, model.hparams.patch_size) == (8, 2)
     assert model.hparams.normalize_features
     assert model.hparams.dropout == 0.0

@@ -129,6 +129,10 @@ def test_normalisation_comes_from_the_backbone() -> None:
         ({"reconstructor": "lstm"}, r"reconstructor must be one of \['transformer', 'no_query', 'mlp', 'cnn'\]"),
         ({"reconstructor": "cnn", "patch_size": 8}, r"reconstructor 'cnn' .* multiples of 4; got 2x2"),
         ({"attention_dropout": "heads"}, r"attention_dropout must be one of \['weights', 'keys'\], got 'heads'"),
+        ({"neighbor_mask": 4}, r"neighbor_mask must be 0 \(off\) or an odd number"),
+        ({"neighbor_mask": 17}, r"neighbor_mask \(17\) covers the whole token grid 16x16"),
+        ({"attention_locality": -1.0}, r"attention_locality must be a finite number >= 0"),
+        ({"attention_locality": 1.0, "reconstructor": "mlp"}, r"bias attention, which reconstructor 'mlp' has none"),
     ],
     ids=[
         "unknown backbone",
@@ -143,6 +147,10 @@ def test_normalisation_comes_from_the_backbone() -> None:
         "unknown reconstructor",
         "token grid too small for the CNN",
         "unknown attention dropout",
+        "even neighbourhood mask",
+        "neighbourhood mask covering the grid",
+        "negative locality",
+        "locality without attention",
     ],
 )
 def test_bad_configuration_is_rejected_up_front(kwargs: dict, message: str) -> None:

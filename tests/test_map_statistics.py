@@ -6,14 +6,13 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import onnxruntime
 import pytest
 import torch
 
 from adtr_anomalib import ADTR, ADTRPlus
 from adtr_anomalib.data import FolderWithAnomalies, mvtec_layout_folder
 from adtr_anomalib.models.adtr.torch_model import ADTRModel
-from tests.helpers import make_folder, tiny_adtr, tiny_engine, tiny_torch_model
+from tests.helpers import make_folder, onnx_outputs, tiny_adtr, tiny_engine, tiny_torch_model
 
 
 def _features(model: ADTRModel, images: torch.Tensor) -> list[torch.Tensor]:
@@ -180,11 +179,8 @@ def test_the_statistics_travel_with_an_onnx_export(tmp_path: Path) -> None:
     engine.fit(model=model, datamodule=mvtec_layout_folder(root, train_batch_size=4, eval_batch_size=4, seed=0))
     assert bool(model.model.map_statistics_fitted)
     assert not torch.equal(model.model.map_mean, torch.zeros_like(model.model.map_mean))
-    path = model.to_onnx(tmp_path / "export")
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     images = torch.rand(3, 3, 32, 32)
-    names = [output.name for output in session.get_outputs()]
-    outputs = dict(zip(names, session.run(None, {"input": images.numpy()}), strict=True))
+    outputs = onnx_outputs(model, tmp_path / "export", images)
     with torch.no_grad():
         expected = model.eval()(images)
     np.testing.assert_allclose(outputs["anomaly_map"], expected.anomaly_map.numpy(), atol=1e-4, rtol=1e-4)

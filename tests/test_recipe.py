@@ -123,11 +123,16 @@ def test_fast_recipe_sets_only_what_was_left_at_the_default() -> None:
     assert own.model.map_layers == ["blocks.1", "blocks.2"]
 
 
+def _recipe_and_base(recipe: str, base: str) -> tuple[ADTR, ADTR]:
+    """Lite0 ADTR with ``recipe`` and with the ``base`` recipe it extends, checked to share every setting of base."""
+    derived, parent = (ADTR(backbone="tf_efficientnet_lite0", recipe=r, pre_trained=False) for r in (recipe, base))
+    for key in RECIPES[base]:
+        assert derived.hparams[key] == parent.hparams[key], key
+    return derived, parent
+
+
 def test_fast_stride8_recipe_is_fast_on_a_stride_8_map_with_as_many_tokens() -> None:
-    fine = ADTR(backbone="tf_efficientnet_lite0", recipe="fast_stride8", pre_trained=False)
-    coarse = ADTR(backbone="tf_efficientnet_lite0", recipe="fast", pre_trained=False)
-    for key in RECIPES["fast"]:
-        assert fine.hparams[key] == coarse.hparams[key], key
+    fine, coarse = _recipe_and_base("fast_stride8", "fast")
     assert (fine.hparams.feature_stride, fine.hparams.patch_size) == (8, 2)
     assert (coarse.hparams.feature_stride, coarse.hparams.patch_size) == (16, 1)
     maps = {}
@@ -140,15 +145,22 @@ def test_fast_stride8_recipe_is_fast_on_a_stride_8_map_with_as_many_tokens() -> 
 
 
 def test_fast_stride8_mlp_recipe_is_fast_stride8_without_attention() -> None:
-    mlp = ADTR(backbone="tf_efficientnet_lite0", recipe="fast_stride8_mlp", pre_trained=False)
-    attention = ADTR(backbone="tf_efficientnet_lite0", recipe="fast_stride8", pre_trained=False)
-    for key in RECIPES["fast_stride8"]:
-        assert mlp.hparams[key] == attention.hparams[key], key
+    mlp, attention = _recipe_and_base("fast_stride8_mlp", "fast_stride8")
     assert (mlp.hparams.reconstructor, attention.hparams.reconstructor) == ("mlp", "transformer")
     layers = {type(module).__name__ for module in mlp.model.reconstructor.modules()}
     assert "_Attention" not in layers
     assert not hasattr(mlp.model.reconstructor, "query_embed")
     assert "_Attention" in {type(module).__name__ for module in attention.model.reconstructor.modules()}
+
+
+def test_fast_stride8_local_recipe_is_fast_stride8_with_local_attention() -> None:
+    local, plain = _recipe_and_base("fast_stride8_local", "fast_stride8")
+    assert (local.hparams.attention_locality, plain.hparams.attention_locality) == (1.0, 0.0)
+    assert local.model.reconstructor.attention_locality == 1.0
+    assert local.hparams.reconstructor == "transformer"
+    assert local.model.reconstructor.query_embed.shape[1] == 16 * 16  # still the learnable query
+    chosen = ADTR(recipe="fast_stride8_local", attention_locality=0.5, pre_trained=False)
+    assert chosen.hparams.attention_locality == 0.5  # an argument the user sets wins over the recipe
 
 
 def test_the_demo_offers_every_recipe() -> None:

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from adtr_anomalib import ADTR, ADTRPlus
-from adtr_anomalib.models.adtr.torch_model import RECONSTRUCTORS, ADTRModel, ADTRReconstructor, _Attention
+from adtr_anomalib.data import mvtec_layout_folder
+from adtr_anomalib.models.adtr.torch_model import (
+    RECONSTRUCTORS,
+    ADTRModel,
+    ADTRReconstructor,
+    _Attention,
+    attention_bias,
+)
 from tests.conftest import TINY
+from tests.helpers import make_folder, onnx_outputs, tiny_adtr, tiny_engine
 
 SIZE = (64, 128)  # a 4x8 token grid at stride 16: the CNN's bottleneck halves it twice
 
@@ -74,7 +85,8 @@ def test_without_query_the_decoder_starts_from_the_encoder_output() -> None:
     with torch.no_grad():
         reconstructor.mix(tokens, (4, 8))
         memory = reconstructor.encoder[0](tokens, reconstructor.pos_embed)
-    queries, decoder_memory, _pos = seen[0]
+    queries, decoder_memory, _pos, bias = seen[0]
+    assert bias is None  # no attention bias unless asked for (the paper's attention)
     torch.testing.assert_close(queries, memory)
     torch.testing.assert_close(decoder_memory, memory)
 
@@ -182,3 +194,74 @@ def test_cpu_bf16_training_attends_in_float32_unless_weights_are_dropped(
     with torch.no_grad():
         layer(tokens, tokens, tokens)  # no autocast: PyTorch's own path, as in inference and export
     assert not calls
+
+
+def test_attention_bias_masks_the_neighbourhood_and_penalises_squared_distance() -> None:
+    assert attention_bias((4, 5)) is None  # both off: the paper's attention, no mask at all
+    bias = attention_bias((4, 5), neighbor_mask=3, locality=0.5)
+    row = bias[7].view(4, 5)  # the query at grid position (1, 2)
+    block = torch.zeros(4, 5, dtype=torch.bool)
+    block[0:3, 1:4] = True
+    assert torch.equal(row.isneginf(), block)
+    assert row[3, 0] == -0.5 * (2**2 + 2**2)
+    assert row[1, 4] == -0.5 * 2**2
+    assert torch.equal(bias, bias.T)
+
+
+def _identity_attention(dropout: float) -> _Attention:
+    """A 2-head layer whose queries and keys are zero and whose values and output are the identity: its logits are
+    the bias alone, and with one-hot values each head's output row is its attention row."""
+    layer = _Attention(16, 2, dropout, "keys")
+    with torch.no_grad():
+        layer.in_proj_weight.zero_()
+        layer.in_proj_weight[32:] = torch.eye(16)
+        layer.in_proj_bias.zero_()
+        layer.out_proj.weight.copy_(torch.eye(16))
+        layer.out_proj.bias.zero_()
+    return layer
+
+
+def test_biased_attention_follows_the_bias_and_never_sees_masked_keys() -> None:
+    torch.manual_seed(0)
+    bias = attention_bias((2, 4), neighbor_mask=1, locality=1.0)  # 8 tokens; each query's own key is masked
+    tokens, values = torch.randn(64, 8, 16), torch.eye(8).repeat(1, 2).expand(64, -1, -1)
+    expected = bias.softmax(dim=-1)[None, :, None].expand(64, 8, 2, 8)
+    layer = _identity_attention(dropout=0.5).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(tokens, tokens, values, bias).view(64, 8, 2, 8), expected)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the float32 attention path takes the same bias
+            biased = _identity_attention(dropout=0.0)(tokens, tokens, values, bias)
+        torch.testing.assert_close(biased.float().view(64, 8, 2, 8), expected, atol=0.02, rtol=0.02)
+        rows = layer.train()(tokens, tokens, values, bias).view(64, 8, 2, 8)  # with whole keys dropped as well
+    assert rows.isfinite().all()
+    torch.testing.assert_close(rows.sum(-1), torch.ones(64, 8, 2))
+    assert (rows.diagonal(dim1=1, dim2=3) == 0).all()  # a query never sees its own key, whatever was dropped
+    assert ((rows == 0).sum(-1) > 1).any()  # keys were dropped beside the masked one
+
+
+@pytest.mark.parametrize("kind", ["transformer", "no_query"])
+def test_the_attention_bias_reaches_every_attention_layer(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    reconstructor = ADTRReconstructor(24, 32, **TINY, kind=kind, neighbor_mask=3, attention_locality=1.0)  # type: ignore[arg-type]
+    seen = []
+    original = _Attention.forward
+    monkeypatch.setattr(_Attention, "forward", lambda self, *a: seen.append(a[3]) or original(self, *a))
+    reconstructor(torch.randn(2, 24, 4, 8))
+    assert len(seen) == 3  # the encoder's self-attention, the decoder's self- and cross-attention
+    for bias in seen:
+        torch.testing.assert_close(bias, attention_bias((4, 8), 3, 1.0))
+
+
+def test_a_biased_model_exports_to_onnx_with_the_same_maps(tmp_path: Path) -> None:
+    root = make_folder(tmp_path / "part", n_train=4)
+    model = tiny_adtr(pre_trained=False, neighbor_mask=3, attention_locality=1.0)
+    assert (model.model.reconstructor.neighbor_mask, model.model.reconstructor.attention_locality) == (3, 1.0)
+    tiny_engine(tmp_path / "results").fit(model, datamodule=mvtec_layout_folder(root, train_batch_size=4, seed=0))
+    images = torch.rand(3, 3, 32, 32)
+    outputs = onnx_outputs(model, tmp_path / "export", images)
+    with torch.no_grad():
+        expected = model.eval()(images)
+        unbiased = tiny_adtr(pre_trained=False)
+        unbiased.load_state_dict(model.state_dict())  # the same weights without the bias give other maps
+        other = unbiased.eval()(images)
+    np.testing.assert_allclose(outputs["anomaly_map"], expected.anomaly_map.numpy(), atol=1e-4, rtol=1e-4)
+    assert not np.allclose(outputs["anomaly_map"], other.anomaly_map.numpy(), atol=1e-3)

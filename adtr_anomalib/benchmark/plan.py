@@ -42,7 +42,7 @@ BENCHMARK_TRAINER_ARGUMENTS = (
     "callbacks",
 )
 DEFAULT_MODELS: list[str | dict[str, Any]] = [
-    {"name": "adtr", "init_args": {"recipe": "fast_stride8"}},
+    {"name": "adtr", "init_args": {"recipe": "fast_stride8_local"}},
     "padim",
     "patchcore",
 ]

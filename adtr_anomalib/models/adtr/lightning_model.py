@@ -59,6 +59,10 @@ class ADTR(ADTRLightningMixin, AnomalibModule):
             its own) or ``"keys"``: whole keys per image and head, masked before the softmax (DropKey), which lets
             PyTorch's fused attention kernel run: 1.6-2.5x faster CPU training with ``dropout=0.1`` (README,
             "Training speed"). Inference is the same in both.
+        neighbor_mask: UniAD's neighbourhood mask: no token attends to the ``neighbor_mask x neighbor_mask`` block of
+            token positions around its own (odd; UniAD: 7). 0 is off (paper).
+        attention_locality: Subtract this times the squared distance between two tokens' grid positions from their
+            attention logit, so attention starts out local (a 2-D ALiBi). 0 is off (paper).
         pooling_kernel: Average-pooling window (pixels) for the image score.
         map_layers: Stages whose reconstruction error forms the pixel anomaly map (``None``: all of ``layers``, as
             in the paper); the image score keeps the map of all stages.
@@ -88,7 +92,8 @@ class ADTR(ADTRLightningMixin, AnomalibModule):
             dropout, feature jitter 20, normalised features, lr 1e-3 with 100 warmup steps, cosine decay,
             gradient clip 0.1, pixel map without the stride-32 stage, maps standardised per pixel), or
             ``"fast_stride8"``: ``"fast"`` with ``feature_stride=8, patch_size=2`` (a stride-8 map at the same
-            number of tokens), or ``"fast_stride8_mlp"``: that without attention (``reconstructor="mlp"``). It sets
+            number of tokens), ``"fast_stride8_local"``: that with ``attention_locality=1``, or ``"fast_stride8_mlp"``:
+            that without attention (``reconstructor="mlp"``). It sets
             only the arguments left at their defaults (``map_layers`` only with the default ``layers``).
         pre_processor: Pre-processor, or ``True`` for resize to 256x256 plus the backbone's own normalisation.
         post_processor: Post-processor, or ``True`` for anomalib's default.
@@ -112,6 +117,8 @@ class ADTR(ADTRLightningMixin, AnomalibModule):
         ffn_dim: int = 1024,
         dropout: float = 0.1,
         attention_dropout: AttentionDropout = "weights",
+        neighbor_mask: int = 0,
+        attention_locality: float = 0.0,
         pooling_kernel: int = 16,
         map_layers: Sequence[str] | None = None,
         feature_jitter: float = 0.0,

@@ -60,15 +60,23 @@ class _Attention(nn.MultiheadAttention):
         super().__init__(hidden_dim, num_heads, dropout=dropout if weights else 0.0, batch_first=True)
         self.key_dropout = 0.0 if weights else dropout
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        """Attend from ``query`` to ``key``/``value`` (``(B, N, hidden_dim)`` each); only the output is returned."""
-        mask = None
+    def forward(  # type: ignore[override]
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Attend from ``query`` to ``key``/``value`` (``(B, N, hidden_dim)`` each); only the output is returned.
+
+        ``bias``: optional ``(Nq, Nk)`` additive bias on the attention logits (see :func:`attention_bias`).
+        """
+        mask = bias
         if self.training and self.key_dropout > 0:
             batch, queries, keys = query.shape[0], query.shape[1], key.shape[1]
             dropped = torch.rand(batch * self.num_heads, 1, keys, device=query.device) < self.key_dropout
-            dropped &= ~dropped.all(dim=-1, keepdim=True)  # a query with no key left would give NaN: keep them all
-            mask = torch.zeros(dropped.shape, dtype=query.dtype, device=query.device)
-            mask = mask.masked_fill_(dropped, float("-inf")).expand(-1, queries, -1)
+            base = bias if bias is not None else query.new_zeros(queries, keys)
+            mask = base.expand(len(dropped), -1, -1).masked_fill(dropped, float("-inf"))
+            # A query with no key left would give NaN: it keeps every key that the bias allows.
+            mask = torch.where(mask.isneginf().all(dim=-1, keepdim=True), base, mask)
+        if mask is not None:
+            mask = mask.to(query.dtype)
         if self.dropout == 0.0 and query.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
             return self.attend_in_float32(query, key, value, mask)
         return super().forward(query, key, value, attn_mask=mask, need_weights=False)[0]
@@ -82,7 +90,7 @@ class _Attention(nn.MultiheadAttention):
         three times slower in bf16 than in float32 (92 ms against 32 ms for one layer at batch 16 on an AMX Xeon),
         and it was a third of a training step. ``nn.MultiheadAttention`` gives no way to choose the attention's
         precision apart from the projections', hence this second path over the same parameters. ``mask``: additive,
-        ``(B * heads, Nq, Nk)``.
+        ``(Nq, Nk)`` or ``(B * heads, Nq, Nk)``.
         """
         heads = self.num_heads
 
@@ -95,8 +103,8 @@ class _Attention(nn.MultiheadAttention):
                 (query, key, value), self.in_proj_weight.chunk(3), self.in_proj_bias.chunk(3), strict=True
             )
         )
-        if mask is not None:
-            mask = mask.reshape(q.shape[0], heads, *mask.shape[1:]).float()
+        if mask is not None:  # (Nq, Nk) broadcasts; (B * heads, Nq, Nk) is split into its batch and heads
+            mask = (mask.reshape(q.shape[0], heads, *mask.shape[1:]) if mask.dim() == 3 else mask).float()
         with torch.autocast("cpu", enabled=False):
             attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out_proj(attended.transpose(1, 2).flatten(2))
@@ -118,9 +126,9 @@ class _EncoderLayer(nn.Module):
         self.norm = nn.LayerNorm(hidden_dim)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         query = tokens + pos
-        return self.ffn(self.norm(tokens + self.dropout(self.self_attn(query, query, tokens))))
+        return self.ffn(self.norm(tokens + self.dropout(self.self_attn(query, query, tokens, bias))))
 
 
 class _DecoderLayer(nn.Module):
@@ -138,10 +146,12 @@ class _DecoderLayer(nn.Module):
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
 
-    def forward(self, queries: torch.Tensor, memory: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, queries: torch.Tensor, memory: torch.Tensor, pos: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         q = queries + pos
-        queries = self.norm1(queries + self.dropout1(self.self_attn(q, q, queries)))
-        attended = self.cross_attn(queries + pos, memory + pos, memory)
+        queries = self.norm1(queries + self.dropout1(self.self_attn(q, q, queries, bias)))
+        attended = self.cross_attn(queries + pos, memory + pos, memory, bias)
         return self.ffn(self.norm2(queries + self.dropout2(attended)))
 
 
@@ -207,6 +217,13 @@ class ADTRReconstructor(nn.Module):
             feed-forward blocks, no attention) or ``"cnn"`` (a convolutional autoencoder on the token grid).
         attention_dropout: ``"weights"`` (paper) or ``"keys"``: what attention dropout drops (see
             :class:`_Attention`); the feed-forward and residual dropouts are the same in both.
+        neighbor_mask: UniAD's neighbourhood mask: in every attention, no token sees the tokens in the
+            ``neighbor_mask x neighbor_mask`` block of token positions centred on its own, so each position is
+            rebuilt from its surroundings rather than from itself. Odd; 0 (paper) is off. UniAD: 7.
+        attention_locality: In every attention, ``attention_locality`` times the squared distance between the two
+            tokens' grid positions is subtracted from the logit (a fixed, 2-D form of ALiBi's distance penalty), so
+            attention starts out local: at 1, a token one position away weighs ``e^-1`` of an equal-scoring token at
+            the query's own position. The decoder still starts from the learnable query. 0 (paper) is off.
     """
 
     def __init__(
@@ -223,9 +240,13 @@ class ADTRReconstructor(nn.Module):
         patch_size: int = 1,
         kind: ReconstructorKind = "transformer",
         attention_dropout: AttentionDropout = "weights",
+        neighbor_mask: int = 0,
+        attention_locality: float = 0.0,
     ) -> None:
         super().__init__()
         self.feature_jitter = feature_jitter
+        self.neighbor_mask = neighbor_mask
+        self.attention_locality = attention_locality
         self.patch_size = patch_size
         self.kind = kind
         self.input_proj = nn.Linear(in_channels * patch_size**2, hidden_dim)
@@ -291,13 +312,14 @@ class ADTRReconstructor(nn.Module):
             return self.mixer(tokens + self.pos_embed)
         if self.kind == "cnn":
             return self.mixer(tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *grid)).flatten(2).transpose(1, 2)
+        bias = attention_bias(grid, self.neighbor_mask, self.attention_locality, tokens.device)
         memory = tokens
         for layer in self.encoder:
-            memory = layer(memory, self.pos_embed)
+            memory = layer(memory, self.pos_embed, bias)
         # Without the query the decoder starts from what it should rebuild: the "identical mapping" shortcut.
         queries = self.query_embed.expand(tokens.shape[0], -1, -1) if self.kind == "transformer" else memory
         for layer in self.decoder:
-            queries = layer(queries, memory, self.pos_embed)
+            queries = layer(queries, memory, self.pos_embed, bias)
         return queries
 
     def add_jitter(self, features: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -313,6 +335,34 @@ class ADTRReconstructor(nn.Module):
         """
         scale = features.norm(dim=dim, keepdim=True) * (self.feature_jitter / features.shape[dim])
         return features + torch.randn_like(features) * scale
+
+
+def attention_bias(
+    grid: tuple[int, int], neighbor_mask: int = 0, locality: float = 0.0, device: torch.device | None = None
+) -> torch.Tensor | None:
+    """The additive bias on the attention logits between the tokens of a grid: none unless one of the two is on.
+
+    Args:
+        grid: ``(rows, columns)`` of the token grid (``N = rows * columns`` tokens, row-major).
+        neighbor_mask: Odd side of the block of token positions, centred on each query, that it may not see (``-inf``;
+            UniAD's neighbourhood mask); 0: none.
+        locality: Subtracted from each logit per unit of squared distance between the two tokens' positions.
+        device: Where the bias is made.
+
+    Returns:
+        ``(N, N)`` float bias (query rows, key columns), or ``None`` when both are off. Computed from the grid on
+        every call, as an exported graph then holds it as a constant for its input size.
+    """
+    if not neighbor_mask and not locality:
+        return None
+    rows = torch.arange(grid[0], device=device).repeat_interleave(grid[1])
+    columns = torch.arange(grid[1], device=device).repeat(grid[0])
+    row_distance, column_distance = (rows[:, None] - rows[None]).abs(), (columns[:, None] - columns[None]).abs()
+    bias = -locality * (row_distance.square() + column_distance.square()).float()
+    if neighbor_mask:
+        reach = neighbor_mask // 2
+        bias = bias.masked_fill((row_distance <= reach) & (column_distance <= reach), float("-inf"))
+    return bias
 
 
 class ADTRModel(nn.Module):
@@ -333,6 +383,8 @@ class ADTRModel(nn.Module):
             sizes. Paper: 256, 4, 4, 8, 1024, 0.1.
         attention_dropout: What attention dropout drops in training: ``"weights"`` (paper) or ``"keys"``, whole keys
             per image and head, which lets PyTorch's fused attention run (see :class:`ADTRReconstructor`).
+        neighbor_mask, attention_locality: Biases on every attention's logits from the token grid: UniAD's
+            neighbourhood mask and a squared-distance penalty (see :class:`ADTRReconstructor`). Paper: 0, 0.
         pooling_kernel: Averaging window for the image score, in pixels. UniAD: 16.
         map_layers: Stages whose reconstruction error forms the pixel anomaly map; ``None`` is all of ``layers``
             (paper). The network still reconstructs every stage and the image score still comes from the map of
@@ -366,6 +418,8 @@ class ADTRModel(nn.Module):
         ffn_dim: int = 1024,
         dropout: float = 0.1,
         attention_dropout: AttentionDropout = "weights",
+        neighbor_mask: int = 0,
+        attention_locality: float = 0.0,
         pooling_kernel: int = 16,
         map_layers: Sequence[str] | None = None,
         feature_jitter: float = 0.0,
@@ -388,6 +442,8 @@ class ADTRModel(nn.Module):
             dropout,
             attention_dropout,
             feature_jitter,
+            neighbor_mask,
+            attention_locality,
         )
         self.layers = layers
         self.backbone = backbone
@@ -409,6 +465,8 @@ class ADTRModel(nn.Module):
             patch_size=patch_size,
             kind=reconstructor,
             attention_dropout=attention_dropout,
+            neighbor_mask=neighbor_mask,
+            attention_locality=attention_locality,
         )
         self.normalize_features = normalize_features
         # Per-channel statistics of the training features. Always present (identity until fitted), so a
@@ -697,6 +755,8 @@ def _validate(
     dropout: float,
     attention_dropout: str,
     feature_jitter: float,
+    neighbor_mask: int,
+    attention_locality: float,
 ) -> list[int]:
     """Reject impossible settings before any weights are built or downloaded; return the stage indices."""
     available = backbone_stages(backbone)
@@ -747,5 +807,20 @@ def _validate(
         raise ValueError(msg)
     if not 0.0 <= feature_jitter < float("inf"):
         msg = f"feature_jitter must be a finite number >= 0 (UniAD: 20), got {feature_jitter}."
+        raise ValueError(msg)
+    if not 0.0 <= attention_locality < float("inf"):
+        msg = f"attention_locality must be a finite number >= 0 (0: off), got {attention_locality}."
+        raise ValueError(msg)
+    if neighbor_mask < 0 or (neighbor_mask and neighbor_mask % 2 == 0):
+        msg = f"neighbor_mask must be 0 (off) or an odd number of token positions (UniAD: 7), got {neighbor_mask}."
+        raise ValueError(msg)
+    if (neighbor_mask or attention_locality) and reconstructor not in {"transformer", "no_query"}:
+        msg = f"neighbor_mask and attention_locality bias attention, which reconstructor {reconstructor!r} has none of."
+        raise ValueError(msg)
+    if neighbor_mask and all(neighbor_mask // 2 >= side // 2 for side in tokens):  # the middle token's block is all
+        msg = (
+            f"neighbor_mask ({neighbor_mask}) covers the whole token grid {tokens[0]}x{tokens[1]} for its middle "
+            "tokens, which would have nothing left to attend to: use a smaller neighbor_mask or a larger input."
+        )
         raise ValueError(msg)
     return [available.index(layer) for layer in layers]
