@@ -103,6 +103,17 @@ def test_lightning_modules_build_and_restore_the_chosen_reconstructor(module: ty
         other.load_state_dict(first.state_dict())
 
 
+def _one_hot_readout(layer: _Attention) -> _Attention:
+    """Make the values and the output projection of a 16-wide, 2-head layer the identity: with one-hot values, each
+    head's output row is then its attention row."""
+    with torch.no_grad():
+        layer.in_proj_weight[32:] = torch.eye(16)
+        layer.in_proj_bias.zero_()
+        layer.out_proj.weight.copy_(torch.eye(16))
+        layer.out_proj.bias.zero_()
+    return layer
+
+
 def _attention_rows(attention_dropout: str, dropout: float, *, training: bool) -> torch.Tensor:
     """The attention weights of a 2-head layer over 8 keys, read off its output: ``(batch, heads, queries, keys)``.
 
@@ -110,13 +121,7 @@ def _attention_rows(attention_dropout: str, dropout: float, *, training: bool) -
     slice), so every head's output row is its attention row.
     """
     torch.manual_seed(0)
-    layer = _Attention(16, 2, dropout, attention_dropout)  # type: ignore[arg-type]
-    with torch.no_grad():
-        layer.in_proj_weight[32:] = torch.eye(16)
-        layer.in_proj_bias.zero_()
-        layer.out_proj.weight.copy_(torch.eye(16))
-        layer.out_proj.bias.zero_()
-    layer.train(training)
+    layer = _one_hot_readout(_Attention(16, 2, dropout, attention_dropout)).train(training)  # type: ignore[arg-type]
     queries = torch.randn(64, 5, 16)
     values = torch.eye(8).repeat(1, 2).expand(64, -1, -1)
     with torch.no_grad():
@@ -209,15 +214,10 @@ def test_attention_bias_masks_the_neighbourhood_and_penalises_squared_distance()
 
 
 def _identity_attention(dropout: float) -> _Attention:
-    """A 2-head layer whose queries and keys are zero and whose values and output are the identity: its logits are
-    the bias alone, and with one-hot values each head's output row is its attention row."""
-    layer = _Attention(16, 2, dropout, "keys")
+    """A one-hot read-out layer (:func:`_one_hot_readout`) whose queries and keys are zero: its logits are the bias."""
+    layer = _one_hot_readout(_Attention(16, 2, dropout, "keys"))
     with torch.no_grad():
-        layer.in_proj_weight.zero_()
-        layer.in_proj_weight[32:] = torch.eye(16)
-        layer.in_proj_bias.zero_()
-        layer.out_proj.weight.copy_(torch.eye(16))
-        layer.out_proj.bias.zero_()
+        layer.in_proj_weight[:32] = 0.0
     return layer
 
 
