@@ -46,7 +46,6 @@ from adtr_anomalib.models.training import RECIPES, lr_scheduler, native_bf16
 
 BACKBONE = "tf_efficientnet_lite0"
 SHARED_DATA = Path(os.environ.get("ADTR_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-BF16 = native_bf16(torch.device("cpu"))  # as ADTR's `bf16=True`: only where the CPU computes bf16 natively
 DATASETS = {"bsdata": "bsdata_pitting", "brick": "brick", "grass": "grass", "gravel": "gravel"}
 
 
@@ -188,12 +187,16 @@ def load_images(
     return train, test, torch.cat(labels), torch.cat(masks)
 
 
-def extract(model: ADTRModel, batches: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([model.extract_features(batch) for batch in batches])
+def extract(model: ADTRModel, batches: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    return torch.cat([model.extract_features(batch.to(device)) for batch in batches])
 
 
-def features_for(name: str, recipe: Recipe, cache: dict) -> tuple[Split, Split]:
-    """Train and test features of data set ``name`` for the recipe's backbone settings (computed once)."""
+def features_for(name: str, recipe: Recipe, cache: dict, device: torch.device | None = None) -> tuple[Split, Split]:
+    """Train and test features of data set ``name`` for the recipe's backbone settings (computed once).
+
+    The features, labels and masks live on ``device`` (CPU by default), where the recipe then trains and is tested.
+    """
+    device = device or torch.device("cpu")
     key = (name, recipe.layers, recipe.image_size, recipe.normalize_features, recipe.feature_stride)
     if key not in cache:
         image_key = (name, recipe.image_size)
@@ -207,12 +210,14 @@ def features_for(name: str, recipe: Recipe, cache: dict) -> tuple[Split, Split]:
             feature_stride=recipe.feature_stride,
             normalize_features=recipe.normalize_features,
         ).eval()
-        raw = [model.backbone_features(batch) for batch in train]  # one backbone pass, as ADTR's fit does
+        model.to(device)
+        raw = [model.backbone_features(batch.to(device)) for batch in train]  # one backbone pass, as ADTR's fit does
         if recipe.normalize_features:
             model.fit_feature_statistics(raw)
         stages = tuple(model.feature_extractor.out_dims)
         train_features = torch.cat([model.standardize(features) for features in raw])
-        cache[key] = (Split(train_features), Split(extract(model, test), labels, masks, stages))
+        test_split = Split(extract(model, test, device), labels.to(device), masks.to(device), stages)
+        cache[key] = (Split(train_features), test_split)
     return cache[key]
 
 
@@ -291,7 +296,7 @@ def blurred_metrics(pixel_map: torch.Tensor, test: Split) -> dict[str, float]:
     """``*_blur<sigma>`` columns: the recipe's pixel map smoothed by PaDiM's own Gaussian blur at each sigma."""
     metrics = {}
     for sigma in BLUR_SIGMAS:
-        blur = PadimMapGenerator(sigma=sigma).blur
+        blur = PadimMapGenerator(sigma=sigma).blur.to(pixel_map.device)
         smoothed = torch.cat([blur(chunk) for chunk in pixel_map.split(32)])
         pixel = map_metrics(smoothed, test)
         metrics[f"pixel_AUROC_blur{sigma}"] = pixel["pixel_AUROC"]
@@ -355,7 +360,7 @@ def fit_prior(
 
 def residual_rms(reconstructor: ADTRReconstructor, train: Split) -> torch.Tensor:
     """Root-mean-square reconstruction error of every channel over the training features, ``(C,)``."""
-    total = torch.zeros(train.features.shape[1], dtype=torch.float64)
+    total = torch.zeros(train.features.shape[1], dtype=torch.float64, device=train.features.device)
     for chunk in train.features.split(32):
         total += (chunk - reconstructor(chunk)).double().pow(2).sum(dim=(0, 2, 3))
     count = train.features.shape[0] * train.features.shape[2] * train.features.shape[3]
@@ -405,8 +410,19 @@ def control_row(recipe: Recipe, train: Split, test: Split) -> list[dict[str, Any
     return [{"epoch": 0, "train_seconds": 0.0, "loss": float(loss), **metrics}]
 
 
-def train_curve(recipe: Recipe, train: Split, test: Split, seed: int, eval_epochs: list[int]) -> list[dict[str, Any]]:
-    """Train one reconstructor for ``max(eval_epochs)`` epochs; test it after each epoch in ``eval_epochs``."""
+def train_curve(
+    recipe: Recipe,
+    train: Split,
+    test: Split,
+    seed: int,
+    eval_epochs: list[int],
+    time_limit: float | None = None,
+) -> list[dict[str, Any]]:
+    """Train one reconstructor for ``max(eval_epochs)`` epochs; test it after each epoch in ``eval_epochs``.
+
+    With ``time_limit``, the run stops at the first test after that many training seconds: its curve then ends
+    early, on the schedule of the full length (a long recipe's curve within a fixed budget of device time).
+    """
     if recipe.reconstructor in CONTROLS:
         return control_row(recipe, train, test)
     torch.manual_seed(seed)
@@ -429,7 +445,8 @@ def train_curve(recipe: Recipe, train: Split, test: Split, seed: int, eval_epoch
         kind=recipe.reconstructor,  # type: ignore[arg-type]
         neighbor_mask=recipe.neighbor_mask,
         attention_locality=recipe.attention_locality,
-    )
+    ).to(train.features.device)
+    bf16 = native_bf16(train.features.device)  # as ADTR's `bf16=True`: only where the device computes bf16 natively
     loss_fn = ADTRLoss(reduction=recipe.loss_reduction)
     optimizer = torch.optim.AdamW(reconstructor.parameters(), lr=recipe.lr, weight_decay=1e-4)
     steps_per_epoch = math.ceil(num_images / recipe.batch_size)
@@ -441,7 +458,7 @@ def train_curve(recipe: Recipe, train: Split, test: Split, seed: int, eval_epoch
         started = time.perf_counter()
         for index in torch.randperm(num_images, generator=generator).split(recipe.batch_size):
             features = train.features[index]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=BF16):
+            with torch.autocast(train.features.device.type, dtype=torch.bfloat16, enabled=bf16):
                 reconstruction = reconstructor(features)
             loss = loss_fn(features, reconstruction.float())
             optimizer.zero_grad(set_to_none=True)
@@ -458,6 +475,9 @@ def train_curve(recipe: Recipe, train: Split, test: Split, seed: int, eval_epoch
                 f"  epoch {epoch:3d} {seconds:7.0f} s  " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items()),
                 flush=True,
             )
+            if time_limit is not None and seconds > time_limit and epoch < epochs:
+                print(f"  stopped after epoch {epoch}: over the --time-limit of {time_limit:.0f} s", flush=True)
+                break
     return rows
 
 
@@ -466,10 +486,22 @@ def recipe_settings(recipe: Recipe) -> dict[str, Any]:
     return {k: v for k, v in asdict(recipe).items() if k not in LATER_FIELDS or v != LATER_FIELDS[k]}
 
 
-def provenance() -> dict[str, str]:
-    """The benchmark's provenance, with the training precision (bf16 where the CPU computes it natively)."""
+def run_settings(recipe: Recipe, eval_epochs: list[int], device: torch.device) -> str:
+    """A run's ``settings`` column, by which a stopped ablation knows the runs it already has.
+
+    Runs on a GPU are told apart from CPU runs of the same recipe (bf16 there, other numbers); CPU runs keep the
+    form of the rows written before the device existed, so those still match.
+    """
+    on = {} if device.type == "cpu" else {"device": device.type}
+    return repr({**recipe_settings(recipe), "eval_epochs": eval_epochs, **on})
+
+
+def provenance(device: torch.device) -> dict[str, str]:
+    """The benchmark's provenance, with the training device and precision (bf16 where it computes it natively)."""
     stamp = measure.provenance()
-    return {**stamp, "machine": f"{stamp['machine']}, {'bf16' if BF16 else 'fp32'} training"}
+    precision = "bf16" if native_bf16(device) else "fp32"
+    where = "" if device.type == "cpu" else f" on {device.type}"
+    return {**stamp, "machine": f"{stamp['machine']}, {precision} training{where}"}
 
 
 def main() -> None:
@@ -485,7 +517,19 @@ def main() -> None:
         help="train runs the file already has again (e.g. for columns added since); summaries use the latest",
     )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        default=None,
+        help="end a run at its first test after this many training seconds (its rows stop at that epoch)",
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="where features are computed and recipes train, e.g. cuda (bf16 there)"
+    )
     args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch sees no CUDA GPU here; use --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
     eval_epochs = sorted(set(args.eval_epochs))
@@ -497,22 +541,29 @@ def main() -> None:
     for dataset in args.datasets:
         for recipe_name in args.recipes:
             recipe = RECIPES_TRIED[recipe_name]
-            settings = repr({**recipe_settings(recipe), "eval_epochs": eval_epochs})
+            settings = run_settings(recipe, eval_epochs, device)
             for seed in args.seeds:
                 if not args.rerun and (dataset, recipe_name, str(seed), settings) in done:
                     continue
                 print(f"{dataset} {recipe_name} seed {seed}", flush=True)
-                train, test = features_for(dataset, recipe, cache)
-                rows = train_curve(recipe, train, test, seed, eval_epochs)
-                write_rows(args.output, dataset, recipe_name, seed, settings, rows)
+                train, test = features_for(dataset, recipe, cache, device)
+                rows = train_curve(recipe, train, test, seed, eval_epochs, args.time_limit)
+                write_rows(args.output, dataset, recipe_name, seed, settings, rows, device)
 
 
-def write_rows(path: Path, dataset: str, recipe: str, seed: int, settings: str, rows: list[dict[str, Any]]) -> None:
+def write_rows(
+    path: Path,
+    dataset: str,
+    recipe: str,
+    seed: int,
+    settings: str,
+    rows: list[dict[str, Any]],
+    device: torch.device | None = None,
+) -> None:
     """Append one run's rows; earlier rows keep their values (new columns are added to the header)."""
-    records = [
-        {"dataset": dataset, "recipe": recipe, "seed": seed, **row, **provenance(), "settings": settings}
-        for row in rows
-    ]
+    stamp = provenance(device or torch.device("cpu"))
+    head = {"dataset": dataset, "recipe": recipe, "seed": seed}
+    records = [{**head, **row, **stamp, "settings": settings} for row in rows]
     append_csv(records, path)
 
 

@@ -183,7 +183,15 @@ def _check_python(args: list[str], monkeypatch: pytest.MonkeyPatch, **_: object)
         _parses_with_argparse(lambda: runpy.run_path(str(script), run_name="__main__"), args, monkeypatch)
 
 
+def _check_bash(args: list[str], **_: object) -> None:
+    script = REPO / args[0]
+    assert script.is_file(), f"{args[0]} does not exist"
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr  # what the script runs is tested beside the script's callee
+
+
 RUNNERS = {
+    "bash": _check_bash,
     "make": _check_make,
     "pip": _check_pip,
     "anomalib": _check_anomalib,
