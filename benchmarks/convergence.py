@@ -78,6 +78,8 @@ class Recipe:
     reconstructor: str = "transformer"
     neighbor_mask: int = 0
     attention_locality: float = 0.0
+    # Epochs the learning-rate schedule spans (0: the run's last test epoch); the run itself trains to its last test.
+    schedule_epochs: int = 0
 
     def __post_init__(self) -> None:
         if self.map_layers is not None:  # RECIPES hold lists; a tuple keeps the dataclass hashable and its repr stable
@@ -96,6 +98,7 @@ LATER_FIELDS = {
     "reconstructor": "transformer",
     "neighbor_mask": 0,
     "attention_locality": 0.0,
+    "schedule_epochs": 0,
 }
 
 
@@ -131,6 +134,9 @@ RECIPES_TRIED: dict[str, Recipe] = {
     # The opposite: attention biased towards the tokens near the query's position (a squared-distance penalty of 1
     # per squared token step on every logit), while the decoder still starts from the learnable query.
     "fast_stride8_local1": Recipe(**RECIPES["fast_stride8"], attention_locality=1.0),  # type: ignore[arg-type]
+    # The same on a 4x longer cosine schedule (24 epochs): does it keep improving, or learn to copy its input
+    # (local attention sees each token itself) as a user who trains longer, e.g. on a GPU, would find?
+    "fast_stride8_local1_24ep": Recipe(**RECIPES["fast_stride8"], attention_locality=1.0, schedule_epochs=24),  # type: ignore[arg-type]
     # Controls that learn nothing, scored with the recommended recipe's normalisations and maps (epoch 0): the
     # reconstruction is the training features' mean at each position ("mean"), or zero ("zero": the map is the
     # standardised features' norm). A trained reconstructor has to beat these to have learned anything.
@@ -280,11 +286,44 @@ def evaluate(
     if recipe.holdout:
         metrics.update(stage_standardised_metrics(reconstructor, test, recipe, train, no32))
     metrics.update(blurred_metrics(maps[f"{'no32' if no32 is not None else 'pixel'}{standardised}"], test))
+    metrics.update(fused_metrics(maps, test, train, keep, recipe.image_size))
     if held is not None:
         pixel = map_metrics(maps["no32_posz_held" if no32 is not None else "pixel_posz_held"], test)
         image = map_metrics(maps["all_posz_held"], test, pixel=False)
         metrics.update({f"{k}_posz_held": pixel[k] for k in ("pixel_AUROC", "pixel_AUPRO")})
         metrics["image_AUROC_posz_held_pool16_max"] = image["image_AUROC_pool16_max"]
+    return metrics
+
+
+def fused_metrics(
+    maps: dict[str, torch.Tensor], test: Split, train: Split, keep: list[int], image_size: int
+) -> dict[str, float]:
+    """``*_fused_mean``, ``*_fused_zero`` columns: the trained map averaged with a control's, both z-scored per pixel.
+
+    The controls learn nothing (see :func:`control_row`): the distance of each standardised feature to the training
+    features' mean at its position (``mean``, a diagonal PaDiM), or its norm (``zero``). Averaging z-scores weighs
+    the two maps equally; it asks whether what the reconstruction adds and what the normalisations alone find are
+    different evidence. Pixel columns use the pixel map's channels, the image column all channels.
+    """
+    metrics: dict[str, float] = {}
+    for name in CONTROLS:
+        control = control_reconstruction(name, train)
+        prior = fit_prior(control, train, keep, None, image_size)  # type: ignore[arg-type]
+        control_maps: dict[str, list[torch.Tensor]] = defaultdict(list)
+        with torch.no_grad():
+            for chunk in test.features.split(32):
+                difference = chunk - control(chunk)
+                control_maps["all"].append(norm_map(difference, image_size))
+                control_maps["pixel"].append(norm_map(difference[:, keep], image_size))
+        fused = {}
+        for kind, batches in control_maps.items():
+            control_mean, control_std = prior[kind]
+            fused[kind] = (maps[f"{kind}_posz"] + (torch.cat(batches) - control_mean) / control_std) / 2
+        pixel = map_metrics(fused["pixel"], test)
+        image = map_metrics(fused["all"], test, pixel=False)
+        metrics[f"pixel_AUROC_fused_{name}"] = pixel["pixel_AUROC"]
+        metrics[f"pixel_AUPRO_fused_{name}"] = pixel["pixel_AUPRO"]
+        metrics[f"image_AUROC_fused_{name}_pool16_max"] = image["image_AUROC_pool16_max"]
     return metrics
 
 
@@ -400,10 +439,15 @@ class FixedReconstruction(torch.nn.Module):
         return self.reconstruction.expand_as(features)
 
 
+def control_reconstruction(kind: str, train: Split) -> FixedReconstruction:
+    """A control of :data:`CONTROLS`: the training features' mean at each position (``"mean"``), or zero."""
+    mean = train.features.mean(dim=0, keepdim=True)
+    return FixedReconstruction(mean if kind == "mean" else torch.zeros_like(mean))
+
+
 def control_row(recipe: Recipe, train: Split, test: Split) -> list[dict[str, Any]]:
     """The one row (epoch 0) of a control: the training features' mean at each position, or zero."""
-    mean = train.features.mean(dim=0, keepdim=True)
-    control = FixedReconstruction(mean if recipe.reconstructor == "mean" else torch.zeros_like(mean))
+    control = control_reconstruction(recipe.reconstructor, train)
     loss = ADTRLoss(reduction=recipe.loss_reduction)(train.features, control(train.features))
     metrics = evaluate(control, test, recipe, train)  # type: ignore[arg-type]
     print("  epoch   0 " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items()), flush=True)
@@ -451,7 +495,8 @@ def train_curve(
     optimizer = torch.optim.AdamW(reconstructor.parameters(), lr=recipe.lr, weight_decay=1e-4)
     steps_per_epoch = math.ceil(num_images / recipe.batch_size)
     epochs = max(eval_epochs)
-    scheduler = lr_scheduler(optimizer, recipe.lr_schedule, steps_per_epoch * epochs, recipe.warmup_steps)
+    schedule = steps_per_epoch * (recipe.schedule_epochs or epochs)
+    scheduler = lr_scheduler(optimizer, recipe.lr_schedule, schedule, recipe.warmup_steps)
     generator = torch.Generator().manual_seed(seed)
     rows, seconds = [], 0.0
     for epoch in range(1, epochs + 1):

@@ -10,7 +10,8 @@ training loss (chosen on normal training images only, never on the defects). The
 - for the linear (1x1 conv) model, ``||W - I||_F / ||I||_F`` at the start and the end: whether it drifts toward
   the identity, which reconstructs anomalies as well as normal features.
 
-A zero-output model (error = feature energy) and a copy model (error 0) are scored as references. Rows go to
+The same attention with ``attention_locality=1`` (the recommended recipe's local attention) is a third arm. A
+zero-output model (error = feature energy) and a copy model (error 0) are scored as references. Rows go to
 ``--output`` (CSV with date, commit, machine and command); the table is printed.
 
     OMP_NUM_THREADS=1 python benchmarks/identity_shortcut.py --textures brick grass --seeds 0 1 2
@@ -78,11 +79,15 @@ def linear(channels: int) -> nn.Conv2d:
     return nn.Conv2d(channels, channels, kernel_size=1)
 
 
-def attention(channels: int, tokens: int) -> ADTRReconstructor:
-    """ADTR's reconstructor (learnable query), small: 64 wide, one encoder and one decoder layer, no dropout."""
+def attention(channels: int, tokens: int, locality: float = 0.0) -> ADTRReconstructor:
+    """ADTR's reconstructor (learnable query), small: 64 wide, one encoder and one decoder layer, no dropout.
+
+    ``locality``: ``attention_locality`` (the recommended recipe's 1 biases every attention towards nearby tokens,
+    the token itself included, so it is the arm that could drift toward copying its input).
+    """
     return ADTRReconstructor(
         channels, tokens, hidden_dim=64, num_encoder_layers=1, num_decoder_layers=1, num_heads=4, ffn_dim=128,
-        dropout=0.0,
+        dropout=0.0, attention_locality=locality,
     )  # fmt: skip
 
 
@@ -149,6 +154,7 @@ def builders(tokens: TokenSet) -> dict[str, Callable[[], nn.Module]]:
     return {
         "linear 1x1 conv": lambda: linear(channels),
         "attention + query": lambda: attention(channels, grid.numel()),
+        "local attention + query": lambda: attention(channels, grid.numel(), locality=1.0),
     }
 
 

@@ -100,3 +100,38 @@ def test_every_curve_stage_of_the_gpu_script_names_arms_and_options_that_exist(
         recipes = stage[stage.index("--recipes") + 1 : stage.index("--seeds")]
         seeds = [int(seed) for seed in stage[stage.index("--seeds") + 1 : stage.index("--eval-epochs")]]
         assert runs == [("bsdata", recipe, seed) for recipe in recipes for seed in seeds]
+
+
+def test_fusing_the_mean_control_with_itself_leaves_its_scores(
+    tiny_textures_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Averaging two z-scored maps that are the same map gives that map: the fused columns must equal the posz ones.
+    monkeypatch.setattr(convergence, "dataset_root", lambda name: tiny_textures_root)
+    recipe = replace(convergence.RECIPES_TRIED["fast_stride8_mean"], image_size=64)
+    train, test = convergence.features_for("brick", recipe, {})
+
+    [row] = convergence.train_curve(recipe, train, test, seed=0, eval_epochs=[1])
+
+    assert row["pixel_AUROC_fused_mean"] == pytest.approx(row["pixel_AUROC_posz"], abs=1e-6)
+    assert row["pixel_AUPRO_fused_mean"] == pytest.approx(row["pixel_AUPRO_posz"], abs=1e-6)
+    assert row["image_AUROC_fused_mean_pool16_max"] == pytest.approx(row["image_AUROC_posz_pool16_max"], abs=1e-6)
+    assert row["pixel_AUROC_fused_zero"] != pytest.approx(row["pixel_AUROC_posz"], abs=1e-6)  # another map
+
+
+def test_a_long_schedule_arm_spans_its_epochs_whatever_the_tests(
+    tiny_curve: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recipe, train, test = tiny_curve
+    spans: list[int] = []
+    schedule = convergence.lr_scheduler
+    monkeypatch.setattr(
+        convergence,
+        "lr_scheduler",
+        lambda opt, kind, total, warmup: spans.append(total) or schedule(opt, kind, total, warmup),
+    )
+    steps = -(-len(train.features) // recipe.batch_size)
+
+    convergence.train_curve(replace(recipe, schedule_epochs=24), train, test, seed=0, eval_epochs=[1])
+    convergence.train_curve(recipe, train, test, seed=0, eval_epochs=[1])
+
+    assert spans == [24 * steps, steps]
