@@ -308,13 +308,9 @@ def fused_metrics(
     metrics: dict[str, float] = {}
     for name in CONTROLS:
         control = control_reconstruction(name, train)
-        prior = fit_prior(control, train, keep, None, image_size)  # type: ignore[arg-type]
-        control_maps: dict[str, list[torch.Tensor]] = defaultdict(list)
         with torch.no_grad():
-            for chunk in test.features.split(32):
-                difference = chunk - control(chunk)
-                control_maps["all"].append(norm_map(difference, image_size))
-                control_maps["pixel"].append(norm_map(difference[:, keep], image_size))
+            prior = fit_prior(control, train, keep, None, image_size)  # type: ignore[arg-type]
+            control_maps = split_maps(control, test, keep, None, image_size)
         fused = {}
         for kind, batches in control_maps.items():
             control_mean, control_std = prior[kind]
@@ -387,6 +383,14 @@ def fit_prior(
     reconstructor: ADTRReconstructor, split: Split, keep: list[int], no32: list[int] | None, image_size: int
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per-pixel mean and std of the maps (all stages, pixel-map stages, without stride 32) of ``split``'s images."""
+    maps = split_maps(reconstructor, split, keep, no32, image_size)
+    return {name: per_pixel_statistics(batches) for name, batches in maps.items()}
+
+
+def split_maps(
+    reconstructor: torch.nn.Module, split: Split, keep: list[int], no32: list[int] | None, image_size: int
+) -> dict[str, list[torch.Tensor]]:
+    """Batches of ``split``'s maps: all stages (``all``), the pixel map's stages (``pixel``), without stride 32."""
     maps: dict[str, list[torch.Tensor]] = defaultdict(list)
     for chunk in split.features.split(32):
         difference = chunk - reconstructor(chunk)
@@ -394,7 +398,7 @@ def fit_prior(
         maps["pixel"].append(norm_map(difference[:, keep], image_size))
         if no32 is not None:
             maps["no32"].append(norm_map(difference[:, no32], image_size))
-    return {name: per_pixel_statistics(batches) for name, batches in maps.items()}
+    return maps
 
 
 def residual_rms(reconstructor: ADTRReconstructor, train: Split) -> torch.Tensor:

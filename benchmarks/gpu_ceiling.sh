@@ -25,7 +25,7 @@ stage() {
 stage 100 curves --recipes fast_stride8_local1 --seeds 0 1 --eval-epochs 2 4 6
 # 2. The paper's recipe, 500 epochs (its curve ends early if 170 s of training do not reach epoch 500).
 stage 230 curves --recipes paper --seeds 0 --eval-epochs 25 50 100 200 300 400 500 --time-limit 170
-# 3. The recommended recipe on longer cosine schedules: does it keep improving past 6 epochs?
+# 3. The recommended recipe on one 50-epoch cosine schedule, tested at 6/12/25/50: does it keep improving?
 stage 110 curves --recipes fast_stride8_local1 --seeds 0 1 --eval-epochs 6 12 25 50 --time-limit 45
 # 4. The recommended benchmark through anomalib (Engine picks the GPU): training minutes and metrics, with PaDiM.
 stage 120 "$python" -m adtr_anomalib.benchmark --config configs/benchmark/recommended.yaml \
