@@ -24,6 +24,7 @@ import math
 import os
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -449,13 +450,13 @@ def control_reconstruction(kind: str, train: Split) -> FixedReconstruction:
     return FixedReconstruction(mean if kind == "mean" else torch.zeros_like(mean))
 
 
-def control_row(recipe: Recipe, train: Split, test: Split) -> list[dict[str, Any]]:
+def control_row(recipe: Recipe, train: Split, test: Split) -> Iterator[dict[str, Any]]:
     """The one row (epoch 0) of a control: the training features' mean at each position, or zero."""
     control = control_reconstruction(recipe.reconstructor, train)
     loss = ADTRLoss(reduction=recipe.loss_reduction)(train.features, control(train.features))
     metrics = evaluate(control, test, recipe, train)  # type: ignore[arg-type]
     print("  epoch   0 " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items()), flush=True)
-    return [{"epoch": 0, "train_seconds": 0.0, "loss": float(loss), **metrics}]
+    yield {"epoch": 0, "train_seconds": 0.0, "loss": float(loss), **metrics}
 
 
 def train_curve(
@@ -465,14 +466,17 @@ def train_curve(
     seed: int,
     eval_epochs: list[int],
     time_limit: float | None = None,
-) -> list[dict[str, Any]]:
+) -> Iterator[dict[str, Any]]:
     """Train one reconstructor for ``max(eval_epochs)`` epochs; test it after each epoch in ``eval_epochs``.
 
-    With ``time_limit``, the run stops at the first test after that many training seconds: its curve then ends
-    early, on the schedule of the full length (a long recipe's curve within a fixed budget of device time).
+    Yields each test's row as soon as it is measured, so a run cut short (a capped stage on a loaned GPU) keeps the
+    rows it has. With ``time_limit``, training stops after the first epoch that ends past that many training seconds,
+    and that epoch is tested: the curve ends early, on the schedule of the full length (a long recipe's curve within
+    a fixed budget of device time).
     """
     if recipe.reconstructor in CONTROLS:
-        return control_row(recipe, train, test)
+        yield from control_row(recipe, train, test)
+        return
     torch.manual_seed(seed)
     held = None
     if recipe.holdout:
@@ -502,7 +506,7 @@ def train_curve(
     schedule = steps_per_epoch * (recipe.schedule_epochs or epochs)
     scheduler = lr_scheduler(optimizer, recipe.lr_schedule, schedule, recipe.warmup_steps)
     generator = torch.Generator().manual_seed(seed)
-    rows, seconds = [], 0.0
+    seconds = 0.0
     for epoch in range(1, epochs + 1):
         started = time.perf_counter()
         for index in torch.randperm(num_images, generator=generator).split(recipe.batch_size):
@@ -517,17 +521,17 @@ def train_curve(
             optimizer.step()
             scheduler.step()
         seconds += time.perf_counter() - started
-        if epoch in eval_epochs:
+        over = time_limit is not None and seconds > time_limit and epoch < epochs
+        if epoch in eval_epochs or over:
             metrics = evaluate(reconstructor, test, recipe, train, held)
-            rows.append({"epoch": epoch, "train_seconds": round(seconds, 1), "loss": float(loss.detach()), **metrics})
             print(
                 f"  epoch {epoch:3d} {seconds:7.0f} s  " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items()),
                 flush=True,
             )
-            if time_limit is not None and seconds > time_limit and epoch < epochs:
-                print(f"  stopped after epoch {epoch}: over the --time-limit of {time_limit:.0f} s", flush=True)
-                break
-    return rows
+            yield {"epoch": epoch, "train_seconds": round(seconds, 1), "loss": float(loss.detach()), **metrics}
+        if over:
+            print(f"  stopped after epoch {epoch}: over the --time-limit of {time_limit:.0f} s", flush=True)
+            return
 
 
 def recipe_settings(recipe: Recipe) -> dict[str, Any]:
@@ -570,7 +574,7 @@ def main() -> None:
         "--time-limit",
         type=float,
         default=None,
-        help="end a run at its first test after this many training seconds (its rows stop at that epoch)",
+        help="end a run after the first epoch past this many training seconds, tested there (its rows stop there)",
     )
     parser.add_argument(
         "--device", default="cpu", help="where features are computed and recipes train, e.g. cuda (bf16 there)"
@@ -596,8 +600,8 @@ def main() -> None:
                     continue
                 print(f"{dataset} {recipe_name} seed {seed}", flush=True)
                 train, test = features_for(dataset, recipe, cache, device)
-                rows = train_curve(recipe, train, test, seed, eval_epochs, args.time_limit)
-                write_rows(args.output, dataset, recipe_name, seed, settings, rows, device)
+                for row in train_curve(recipe, train, test, seed, eval_epochs, args.time_limit):
+                    write_rows(args.output, dataset, recipe_name, seed, settings, [row], device)
 
 
 def write_rows(

@@ -63,29 +63,43 @@ def read(path: Path) -> list[dict[str, str]]:
 
 
 def training_settings(row: dict[str, str]) -> str:
-    """A row's recipe settings without the evaluation epochs: rows of one recipe trained alike share it."""
+    """A row's recipe settings without the evaluation epochs and device: rows of one recipe trained alike share it."""
     settings = ast.literal_eval(row["settings"])
     settings.pop("eval_epochs", None)
+    settings.pop("device", None)
     return repr(settings)
 
 
-def label_versions(curves: list[dict[str, str]]) -> list[dict[str, str]]:
+def label_versions(curves: list[dict[str, str]], by_schedule: bool = False) -> list[dict[str, str]]:
     """Rows labelled by the arm of ``convergence.py`` whose current definition trained them; rows of a definition
-    that no arm has any more are labelled ``<recipe> (<commit of its first row>)``."""
+    that no arm has any more are labelled ``<recipe> (<commit of its first row>)``. Runs on a GPU get `` on cuda``.
+
+    ``by_schedule`` appends the length of the run's learning-rate schedule (``, N-epoch schedule``), so that runs of
+    one arm on schedules of different lengths (its last test sets the length) are not averaged as seeds of one run.
+    """
     arms = {repr(recipe_settings(recipe)): name for name, recipe in RECIPES_TRIED.items()}
     first_commit: dict[tuple[str, str], str] = {}
     labelled = []
     for row in curves:
         key = (row["recipe"], training_settings(row))
         first_commit.setdefault(key, row["commit"])
-        labelled.append({**row, "recipe": arms.get(key[1], f"{row['recipe']} ({first_commit[key]})")})
+        label = arms.get(key[1], f"{row['recipe']} ({first_commit[key]})")
+        settings = ast.literal_eval(row["settings"])
+        if "device" in settings:
+            label += f" on {settings['device']}"
+        if by_schedule:
+            label += f", {settings.get('schedule_epochs') or max(settings['eval_epochs'])}-epoch schedule"
+        labelled.append({**row, "recipe": label})
     return labelled
 
 
-def summarise(curves: list[dict[str, str]]) -> list[dict[str, object]]:
-    """Mean, std and range over seeds for every (data set, recipe, epoch) and metric; the latest run of a seed."""
+def summarise(curves: list[dict[str, str]], by_schedule: bool = False) -> list[dict[str, object]]:
+    """Mean, std and range over seeds for every (data set, recipe, epoch) and metric; the latest run of a seed.
+
+    ``by_schedule``: runs on schedules of different lengths are different recipes (see :func:`label_versions`).
+    """
     latest: dict[tuple[str, str, str, str], dict[str, str]] = {}
-    for row in label_versions(curves):
+    for row in label_versions(curves, by_schedule):
         latest[(row["dataset"], row["recipe"], row["epoch"], row["seed"])] = row
     groups: dict[tuple[str, str, int], list[dict[str, str]]] = defaultdict(list)
     for (dataset, recipe, epoch, _seed), row in latest.items():
@@ -251,8 +265,13 @@ def main() -> None:
     )
     parser.add_argument("--recipes", nargs="+", help="only these arms of convergence.py (default: every one)")
     parser.add_argument("--table", type=Path, help="also write every recipe's metrics per epoch as Markdown here")
+    parser.add_argument(
+        "--by-schedule",
+        action="store_true",
+        help="tell runs of one arm on schedules of different lengths apart (e.g. 6 and 50 epochs of the same arm)",
+    )
     args = parser.parse_args()
-    summary = summarise(read(args.curves))
+    summary = summarise(read(args.curves), args.by_schedule)
     if args.recipes:
         summary = [e for e in summary if e["recipe"] in args.recipes]
     with args.summary.open("w", newline="") as handle:

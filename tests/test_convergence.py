@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,18 +29,37 @@ def test_curve_trains_on_standardised_package_features_and_scores_each_epoch(tin
     channels = train.features.transpose(0, 1).flatten(1)
     assert channels.mean(dim=1).abs().max() < 1e-3
     assert (channels.std(dim=1) - 1).abs().max() < 1e-2
-    rows = convergence.train_curve(recipe, train, test, seed=0, eval_epochs=[1, 2])
+    rows = list(convergence.train_curve(recipe, train, test, seed=0, eval_epochs=[1, 2]))
     assert [row["epoch"] for row in rows] == [1, 2]
     for row in rows:
         for column in ("pixel_AUROC", "pixel_AUPRO", "image_AUROC_pool16_max"):
             assert 0.0 <= row[column] <= 1.0, (column, row[column])
 
 
-def test_time_limit_ends_the_curve_at_the_first_test_past_it(tiny_curve: tuple) -> None:
+def test_time_limit_ends_the_curve_after_the_first_epoch_past_it_and_tests_there(tiny_curve: tuple) -> None:
     recipe, train, test = tiny_curve
-    rows = convergence.train_curve(recipe, train, test, seed=0, eval_epochs=[1, 2, 3], time_limit=0.0)
+    rows = list(convergence.train_curve(recipe, train, test, seed=0, eval_epochs=[2, 3], time_limit=0.0))
 
-    assert [row["epoch"] for row in rows] == [1]  # any training takes more than 0 s: stopped after the first test
+    # Any training takes more than 0 s: stopped after epoch 1, which is tested although no test was planned there.
+    assert [row["epoch"] for row in rows] == [1]
+
+
+def test_a_run_cut_short_keeps_the_rows_it_tested(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def curve(*args: object) -> Iterator[dict[str, float]]:
+        yield {"epoch": 2, "train_seconds": 1.0, "loss": 0.5}
+        raise KeyboardInterrupt  # as a stage's wall-clock cap ends the process
+
+    monkeypatch.setattr(convergence, "features_for", lambda *args: (None, None))
+    monkeypatch.setattr(convergence, "train_curve", curve)
+    output = tmp_path / "curves.csv"
+    argv = ["convergence.py", "--datasets", "bsdata", "--recipes", "paper", "--seeds", "0", "--output", str(output)]
+    monkeypatch.setattr("sys.argv", argv)
+
+    with pytest.raises(KeyboardInterrupt):
+        convergence.main()
+
+    with output.open(newline="") as handle:
+        assert [(r["recipe"], r["epoch"]) for r in csv.DictReader(handle)] == [("paper", "2")]
 
 
 def test_a_gpu_run_without_a_gpu_is_refused_by_name(
@@ -76,30 +98,40 @@ def test_gpu_runs_are_told_apart_from_cpu_runs_of_the_same_recipe(
     assert machines[1].endswith(" training"), machines
 
 
-def test_every_curve_stage_of_the_gpu_script_names_arms_and_options_that_exist(
+def test_the_gpu_script_runs_every_stage_with_arms_and_options_that_exist(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    script = Path(convergence.__file__).with_name("gpu_ceiling.sh").read_text()
-    stages = [
-        line.split(" curves ", 1)[1].split()
-        for line in script.splitlines()
-        if line.startswith("stage ") and " curves " in line
-    ]
-    assert len(stages) == 3, stages
+    # The script itself runs, with a stand-in for python that records its arguments: a stage that cannot start
+    # (as a shell function under `timeout` once could not) is caught here, not on a rationed GPU.
+    calls = tmp_path / "calls"
+    stand_in = tmp_path / "python"
+    stand_in.write_text('#!/bin/sh\nprintf "%s\\037" "$@" >> "$CALLS"\necho >> "$CALLS"\n')
+    stand_in.chmod(0o755)
+    script = Path(convergence.__file__).with_name("gpu_ceiling.sh")
+    env = {**os.environ, "PYTHON": str(stand_in), "CALLS": str(calls), "ADTR_SHARED_DATA": str(tmp_path / "data")}
+    out = tmp_path / "out"
+    subprocess.run(["bash", str(script), str(out)], check=True, env=env, capture_output=True, timeout=60)
+
+    invocations = [line.split("\x1f")[:-1] for line in calls.read_text().splitlines()]
+    assert [call[0] for call in invocations] == ["benchmarks/convergence.py"] * 3 + ["-m"], invocations
+    assert "== stage ended" not in (out / "gpu_ceiling.log").read_text()  # everything printed is kept
     runs: list[tuple[str, str, int]] = []
+    monkeypatch.setattr(convergence.torch.cuda, "is_available", lambda: True)  # the stages name --device cuda
     monkeypatch.setattr(convergence, "features_for", lambda *args: (None, None))
-    monkeypatch.setattr(convergence, "train_curve", lambda *args: [])
+    monkeypatch.setattr(convergence, "train_curve", lambda *args: iter([{}]))
     monkeypatch.setattr(
         convergence, "write_rows", lambda path, dataset, recipe, seed, *rest: runs.append((dataset, recipe, seed))
     )
-    for stage in stages:
+    for stage in invocations[:3]:
         runs.clear()
-        argv = ["convergence.py", "--datasets", "bsdata", *stage, "--output", str(tmp_path / "curves.csv")]
-        monkeypatch.setattr("sys.argv", argv)
+        monkeypatch.setattr("sys.argv", ["convergence.py", *stage[1:]])
         convergence.main()  # SystemExit from argparse on an arm or option that does not exist
         recipes = stage[stage.index("--recipes") + 1 : stage.index("--seeds")]
         seeds = [int(seed) for seed in stage[stage.index("--seeds") + 1 : stage.index("--eval-epochs")]]
         assert runs == [("bsdata", recipe, seed) for recipe in recipes for seed in seeds]
+    benchmark = invocations[3]
+    assert benchmark[1] == "adtr_anomalib.benchmark"
+    assert Path(benchmark[benchmark.index("--config") + 1]).is_file()
 
 
 def test_fusing_the_mean_control_with_itself_leaves_its_scores(
@@ -131,7 +163,29 @@ def test_a_long_schedule_arm_spans_its_epochs_whatever_the_tests(
     )
     steps = -(-len(train.features) // recipe.batch_size)
 
-    convergence.train_curve(replace(recipe, schedule_epochs=24), train, test, seed=0, eval_epochs=[1])
-    convergence.train_curve(recipe, train, test, seed=0, eval_epochs=[1])
+    list(convergence.train_curve(replace(recipe, schedule_epochs=24), train, test, seed=0, eval_epochs=[1]))
+    list(convergence.train_curve(recipe, train, test, seed=0, eval_epochs=[1]))
 
     assert spans == [24 * steps, steps]
+
+
+def test_runs_of_one_arm_on_schedules_of_different_lengths_can_be_told_apart() -> None:
+    from benchmarks import plot_convergence
+
+    recipe = convergence.RECIPES_TRIED["fast_stride8_local1"]
+    cuda = convergence.torch.device("cuda")
+
+    def row(eval_epochs: list[int], value: float) -> dict[str, str]:
+        settings = convergence.run_settings(recipe, eval_epochs, cuda)
+        head = {"dataset": "bsdata", "recipe": "fast_stride8_local1", "seed": "0", "epoch": "6", "commit": "abc"}
+        return {**head, "train_seconds": "1", "pixel_AUROC": str(value), "settings": settings}
+
+    curves = [row([2, 4, 6], 0.25), row([6, 12, 25, 50], 0.75)]
+
+    [merged] = plot_convergence.summarise(curves)  # as before: the later run stands for the seed
+    assert (merged["recipe"], merged["pixel_AUROC_mean"]) == ("fast_stride8_local1 on cuda", 0.75)
+    apart = {entry["recipe"]: entry["pixel_AUROC_mean"] for entry in plot_convergence.summarise(curves, True)}
+    assert apart == {
+        "fast_stride8_local1 on cuda, 6-epoch schedule": 0.25,
+        "fast_stride8_local1 on cuda, 50-epoch schedule": 0.75,
+    }
