@@ -13,6 +13,7 @@ from torch.nn import functional as F  # noqa: N812
 from adtr_anomalib import ADTR, ADTRPlus
 from adtr_anomalib.data import mvtec_layout_folder
 from adtr_anomalib.models.adtr.torch_model import (
+    LOCALITY_BIAS_FLOOR,
     RECONSTRUCTORS,
     ADTRModel,
     ADTRReconstructor,
@@ -211,6 +212,27 @@ def test_attention_bias_masks_the_neighbourhood_and_penalises_squared_distance()
     assert row[3, 0] == -0.5 * (2**2 + 2**2)
     assert row[1, 4] == -0.5 * 2**2
     assert torch.equal(bias, bias.T)
+
+
+def test_the_locality_penalty_saturates_where_float32_stops_seeing_it() -> None:
+    bias = attention_bias((16, 16), locality=1.0)  # the recommended recipe's token grid
+    grid = torch.arange(16)
+    rows, columns = grid.repeat_interleave(16), grid.repeat(16)
+    penalty = -((rows[:, None] - rows[None]).square() + (columns[:, None] - columns[None]).square()).double()
+    assert bias.min() == LOCALITY_BIAS_FLOOR
+    torch.testing.assert_close(bias.double(), penalty.clamp(min=LOCALITY_BIAS_FLOOR), rtol=0, atol=0)
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 8, 256, 32, dtype=torch.float64).unbind()
+    saturated = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.double())
+    torch.testing.assert_close(saturated, F.scaled_dot_product_attention(q, k, v, attn_mask=penalty))
+
+    def subnormal_weights(mask: torch.Tensor) -> int:  # what made float32 attention several times slower on x86
+        weights = (q.float() @ k.float().transpose(-1, -2) / 32**0.5 + mask.float()).softmax(dim=-1)
+        return int(((weights > 0) & (weights < torch.finfo(torch.float32).tiny)).sum())
+
+    assert subnormal_weights(bias) == 0
+    assert subnormal_weights(penalty) > 0  # the unsaturated penalty does produce them
 
 
 def _identity_attention(dropout: float) -> _Attention:
