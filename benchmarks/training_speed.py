@@ -52,7 +52,7 @@ def matmul_peak(dtype: torch.dtype, size: int = 2048, seconds: float = 3.0) -> f
 
 
 def training_step(
-    reconstructor: ADTRReconstructor, optimizer: torch.optim.Optimizer, bf16: bool, features: torch.Tensor
+    reconstructor: torch.nn.Module, optimizer: torch.optim.Optimizer, bf16: bool, features: torch.Tensor
 ) -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         reconstruction = reconstructor(features)
@@ -70,11 +70,13 @@ def prepare(
     patch: int = 1,
     attention_dropout: str = "weights",
     locality: float = 0.0,
+    compiled: bool = False,
 ) -> tuple[Callable[[], None], float]:
     """One configuration's training step, warmed up, and its GFLOP per image.
 
     ``patch`` 2 is the stride-8 grid (32x32 positions) with 2x2-position tokens: as many tokens as stride 16.
-    ``locality``: ``attention_locality`` of the reconstructor.
+    ``locality``: ``attention_locality`` of the reconstructor. ``compiled``: the step runs ``torch.compile``'s
+    reconstructor (compiled here, by a first step); the FLOPs are counted on the eager one.
     """
     torch.manual_seed(0)
     grid = 16 * patch
@@ -97,7 +99,11 @@ def prepare(
     # same products.
     with counter, sdpa_kernel(SDPBackend.MATH):
         training_step(reconstructor, optimizer, bf16, features)
-    return partial(training_step, reconstructor, optimizer, bf16, features), counter.get_total_flops() / BATCH / 1e9
+    network = torch.compile(reconstructor) if compiled else reconstructor
+    step = partial(training_step, network, optimizer, bf16, features)
+    if compiled:
+        step()
+    return step, counter.get_total_flops() / BATCH / 1e9
 
 
 def main() -> None:
@@ -108,6 +114,11 @@ def main() -> None:
         "--emulated-bf16",
         action="store_true",
         help="on a CPU without native bf16, also time emulated bf16 (its peak and one 'bf16 forced' step: minutes)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time the recommended recipe under torch.compile (inductor; a minute or more to compile)",
     )
     args = parser.parse_args()
     bf16 = native_bf16(torch.device("cpu"))
@@ -123,6 +134,8 @@ def main() -> None:
         RECOMMENDED: {**fast, "patch": 2, "locality": RECIPES["fast_stride8_local"]["attention_locality"]},
         "fast": fast,
     }
+    if args.compile:
+        configurations[f"{RECOMMENDED}, torch.compile"] = {**configurations[RECOMMENDED], "compiled": True}
     measured = ", ".join(f"{name} {peak:.0f} GFLOP/s" for name, peak in peaks.items())
     print(f"matmul peak: {measured}; training in {precision}")
     prepared = {name: prepare(**settings) for name, settings in configurations.items()}

@@ -40,3 +40,20 @@ def test_emulated_bf16_is_timed_only_on_request(
     # 16 images in 0.5 s at 2 GFLOP each: 64 GFLOP/s, 64% of the fp32 peak of 100.
     assert "32.0 img/s, 64.0 GFLOP/s, 64.0% of the fp32 matmul peak" in last
     assert ("6400.0% of the emulated bf16 peak" in last) is emulated
+
+
+def test_compile_adds_the_recommended_recipe_under_torch_compile_as_a_row(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prepared: list[dict[str, object]] = []
+    monkeypatch.setattr(training_speed, "native_bf16", lambda device: True)
+    monkeypatch.setattr(training_speed, "matmul_peak", lambda dtype: 100.0)
+    monkeypatch.setattr(training_speed, "prepare", lambda **kwargs: prepared.append(kwargs) or ((lambda: None), 2.0))
+    monkeypatch.setattr(training_speed, "fastest_interleaved", lambda steps, rounds: [0.5] * len(steps))
+    monkeypatch.setattr(sys, "argv", ["training_speed.py", "--compile"])
+
+    training_speed.main()
+
+    [compiled] = [settings for settings in prepared if settings.get("compiled")]
+    assert {k: v for k, v in compiled.items() if k != "compiled"} in prepared  # the same recipe, eager, beside it
+    assert f"{training_speed.RECOMMENDED}, torch.compile" in capsys.readouterr().out
