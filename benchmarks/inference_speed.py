@@ -166,7 +166,7 @@ def fit(name: str, root: Path, work: Path, adtr_checkpoint: Path | None) -> Anom
         return ADTR.load_from_checkpoint(adtr_checkpoint, weights_only=True).eval()
     options: dict[str, Any] = {}
     if name == "adtr":
-        options = {"recipe": "fast_stride8"}  # the recommended recipe's network (a stride-8 map), without its bias
+        options = {"recipe": "fast_stride8_local"}  # the recommended recipe
     if name == "patchcore":
         options = {"coreset_sampling_ratio": PATCHCORE_BANK / (32 * 32 * FIT_BATCHES * 16)}
     model = build_model(name, BACKBONE, SIZE, **options)
