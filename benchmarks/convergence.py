@@ -567,7 +567,8 @@ def main() -> None:
     parser.add_argument(
         "--rerun",
         action="store_true",
-        help="train runs the file already has again (e.g. for columns added since); summaries use the latest",
+        help="train runs the file already has again (e.g. for columns added since; a run cut short is always run "
+        "again); summaries use the latest",
     )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument(
@@ -586,10 +587,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     eval_epochs = sorted(set(args.eval_epochs))
-    done = set()
-    if args.output.exists():
-        with args.output.open(newline="") as handle:
-            done = {(r["dataset"], r["recipe"], r["seed"], r["settings"]) for r in csv.DictReader(handle)}
+    done = finished_runs(args.output, max(eval_epochs), args.time_limit)
     cache: dict = {}
     for dataset in args.datasets:
         for recipe_name in args.recipes:
@@ -602,6 +600,22 @@ def main() -> None:
                 train, test = features_for(dataset, recipe, cache, device)
                 for row in train_curve(recipe, train, test, seed, eval_epochs, args.time_limit):
                     write_rows(args.output, dataset, recipe_name, seed, settings, [row], device)
+
+
+def finished_runs(path: Path, last_epoch: int, time_limit: float | None) -> set[tuple[str, str, str, str]]:
+    """(dataset, recipe, seed, settings) of the runs in ``path`` that ended: tested at ``last_epoch`` (a control at
+    epoch 0), or stopped by ``time_limit``. A run cut short before either (a capped stage) is not among them, so the
+    next invocation trains it again; summaries then use its latest rows."""
+    if not path.exists():
+        return set()
+    ends: dict[tuple[str, str, str, str], bool] = defaultdict(bool)
+    with path.open(newline="") as handle:
+        for r in csv.DictReader(handle):
+            ended = int(r["epoch"]) in {0, last_epoch}
+            stopped = time_limit is not None and float(r["train_seconds"]) > time_limit
+            key = (r["dataset"], r["recipe"], r["seed"], r["settings"])
+            ends[key] = ends[key] or ended or stopped
+    return {key for key, ended in ends.items() if ended}
 
 
 def write_rows(

@@ -44,22 +44,40 @@ def test_time_limit_ends_the_curve_after_the_first_epoch_past_it_and_tests_there
     assert [row["epoch"] for row in rows] == [1]
 
 
-def test_a_run_cut_short_keeps_the_rows_it_tested(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def curve(*args: object) -> Iterator[dict[str, float]]:
+def test_a_run_cut_short_keeps_the_rows_it_tested_and_runs_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trained: list[int] = []
+
+    def cut_short(*args: object) -> Iterator[dict[str, float]]:
+        trained.append(1)
         yield {"epoch": 2, "train_seconds": 1.0, "loss": 0.5}
         raise KeyboardInterrupt  # as a stage's wall-clock cap ends the process
 
+    def whole(*args: object) -> Iterator[dict[str, float]]:
+        trained.append(2)
+        yield from ({"epoch": epoch, "train_seconds": float(epoch), "loss": 0.5} for epoch in (2, 4))
+
     monkeypatch.setattr(convergence, "features_for", lambda *args: (None, None))
-    monkeypatch.setattr(convergence, "train_curve", curve)
     output = tmp_path / "curves.csv"
     argv = ["convergence.py", "--datasets", "bsdata", "--recipes", "paper", "--seeds", "0", "--output", str(output)]
-    monkeypatch.setattr("sys.argv", argv)
+    monkeypatch.setattr("sys.argv", [*argv, "--eval-epochs", "2", "4"])
 
+    monkeypatch.setattr(convergence, "train_curve", cut_short)
     with pytest.raises(KeyboardInterrupt):
         convergence.main()
-
     with output.open(newline="") as handle:
         assert [(r["recipe"], r["epoch"]) for r in csv.DictReader(handle)] == [("paper", "2")]
+
+    monkeypatch.setattr(convergence, "train_curve", whole)
+    convergence.main()  # the run that was cut short is trained again
+    convergence.main()  # the finished one is not
+    assert trained == [1, 2]
+    # A run that --time-limit stopped early has ended too: its last test is past the limit.
+    monkeypatch.setattr("sys.argv", [*argv, "--eval-epochs", "2", "4", "8", "--time-limit", "3"])
+    convergence.main()
+    convergence.main()
+    assert trained == [1, 2, 2]
 
 
 def test_a_gpu_run_without_a_gpu_is_refused_by_name(
