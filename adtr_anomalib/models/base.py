@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +27,7 @@ from torchvision.transforms.v2 import Compose, Normalize, Resize
 from adtr_anomalib.data.validation import check_datamodule_files, check_dataset_files, check_folder_layout
 from adtr_anomalib.visualization import LoggingImageVisualizer
 
-from .adtr.torch_model import DEFAULT_LAYERS, FEATURE_STATISTICS, MAP_STATISTICS, ADTRModel, SumReduce
+from .adtr.torch_model import FEATURE_STATISTICS, MAP_STATISTICS, ADTRModel, SumReduce
 from .checkpoints import (
     CHECKPOINT_IO,
     RNG_STATE_KEY,
@@ -44,7 +43,7 @@ from .checkpoints import (
 from .components import backbone_normalization
 from .export import frozen_parameters, quantize_ov
 from .feature_cache import FeatureCache, cache_blockers
-from .training import RECIPES, check_finite, lr_scheduler, native_bf16
+from .training import apply_recipe, check_finite, check_optimizer_arguments, lr_scheduler, native_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -83,48 +82,24 @@ class ADTRLightningMixin:
     model: ADTRModel
     hparams: Any
 
-    def build_adtr(self) -> None:
-        """Build the torch model from the saved constructor arguments; the backbone weights come later, in `setup`."""
-        self.apply_recipe()
-        lr_schedule = self.hparams.lr_schedule
-        if lr_schedule not in {"step", "cosine"}:
-            msg = f"lr_schedule must be 'step' or 'cosine', got {lr_schedule!r}."
-            raise ValueError(msg)
-        lr, weight_decay = self.hparams.lr, self.hparams.weight_decay
-        if not (math.isfinite(lr) and lr > 0 and math.isfinite(weight_decay) and weight_decay >= 0):
-            msg = f"lr must be a finite number > 0 and weight_decay one >= 0, got lr={lr}, weight_decay={weight_decay}."
-            raise ValueError(msg)
-        if int(self.hparams.warmup_steps) != self.hparams.warmup_steps or self.hparams.warmup_steps < 0:
-            msg = f"warmup_steps must be a whole number >= 0, got {self.hparams.warmup_steps!r}."
-            raise ValueError(msg)
-        clip = self.hparams.gradient_clip_val
-        if clip is not None and not (math.isfinite(clip) and clip > 0):
-            msg = f"gradient_clip_val must be None (no clipping) or a finite number > 0, got {clip!r}."
-            raise ValueError(msg)
-        self.model: ADTRModel = self._network(self.input_size or (256, 256))
+    def build_adtr(self, **arguments: Any) -> None:
+        """Build the torch model from the constructor's arguments, with the ``recipe``'s values where they were left
+        at their defaults; the backbone weights come later, when training starts.
+
+        The effective values replace the saved hyper-parameters, so a checkpoint rebuilds the trained network.
+        """
+        defaults = {name: parameter.default for name, parameter in constructor_parameters(type(self)).items()}
+        settings = apply_recipe(arguments, defaults)
+        check_optimizer_arguments(settings)
+        self.hparams.update(settings)
+        self.model: ADTRModel = self._network(self.input_size or (256, 256), settings)
         self.feature_cache = FeatureCache()
         self._map_statistics_step: int | None = None  # global step the map statistics were fitted at
 
-    def apply_recipe(self) -> None:
-        """Give the arguments that the named ``recipe`` sets its values, where they were left at their defaults.
-
-        An argument set to anything other than its default wins over the recipe. The effective values are what
-        the checkpoint saves, so a reloaded model is the trained one.
-        """
-        recipe = self.hparams.recipe
-        if recipe not in RECIPES:
-            msg = f"recipe must be one of {sorted(RECIPES)}, got {recipe!r}."
-            raise ValueError(msg)
-        defaults = constructor_parameters(type(self))
-        for key, value in RECIPES[recipe].items():
-            if key == "map_layers" and list(self.hparams.layers) != list(DEFAULT_LAYERS):
-                continue  # the recipe's stages are those of the default layers; other layers keep their full map
-            if self.hparams[key] == defaults[key].default:
-                self.hparams[key] = value
-
-    def _network(self, input_size: tuple[int, int]) -> ADTRModel:
-        """The torch model for ``input_size``, from the saved constructor arguments, without backbone weights."""
-        return ADTRModel(pre_trained=False, input_size=input_size, **{k: self.hparams[k] for k in MODEL_ARGUMENTS})
+    @staticmethod
+    def _network(input_size: tuple[int, int], arguments: Any) -> ADTRModel:
+        """The torch model for ``input_size`` from ADTR's arguments (a mapping), without backbone weights."""
+        return ADTRModel(pre_trained=False, input_size=input_size, **{k: arguments[k] for k in MODEL_ARGUMENTS})
 
     @classmethod
     def default_pre_processor(cls, pre_processor: nn.Module | bool, backbone: str) -> nn.Module | bool:
@@ -246,7 +221,7 @@ class ADTRLightningMixin:
         size = (int(size[0]), int(size[1])) if size is not None else self.model.input_size
         changed = adopt_network_arguments(checkpoint, self.hparams, MODEL_ARGUMENTS, type(self).__name__)
         if changed or size != self.model.input_size:
-            self.model = self._network(size)
+            self.model = self._network(size, self.hparams)
         match_evaluator_state(checkpoint, self)
         fill_statistics(checkpoint, self.model, (*FEATURE_STATISTICS, *MAP_STATISTICS))
         trainer = getattr(self, "_trainer", None)

@@ -80,7 +80,7 @@ class CheckedCheckpointIO(TorchCheckpointIO):
     """
 
     def load_checkpoint(
-        self, path: Any, map_location: Callable | None = lambda storage, loc: storage, weights_only: bool | None = None
+        self, path: Any, map_location: Callable | None = lambda storage, _loc: storage, weights_only: bool | None = None
     ) -> dict[str, Any]:
         """Check the file, then read it as Lightning does.
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -43,6 +43,63 @@ RECIPES["fast_stride8_mlp"] = {**RECIPES["fast_stride8"], "reconstructor": "mlp"
 # (convergence.py's "mean" control scores as well on the textures); local attention rebuilds each token from its
 # surroundings and itself, as the MLP does, while the decoder still starts from the learnable query.
 RECIPES["fast_stride8_local"] = {**RECIPES["fast_stride8"], "attention_locality": 1.0}
+
+
+def apply_recipe(arguments: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """ADTR's constructor ``arguments`` with the values of their ``recipe`` where they were left at their ``defaults``.
+
+    An argument set to anything other than its default wins over the recipe. The recipe's ``map_layers`` are stages
+    of the default ``layers``, so other layers keep their full map.
+
+    Args:
+        arguments: The constructor's arguments, ``recipe`` among them.
+        defaults: The constructor's default values.
+
+    Returns:
+        The effective arguments.
+
+    Raises:
+        ValueError: If ``recipe`` is not one of :data:`RECIPES`.
+    """
+    recipe = arguments["recipe"]
+    if recipe not in RECIPES:
+        msg = f"recipe must be one of {sorted(RECIPES)}, got {recipe!r}."
+        raise ValueError(msg)
+    settings = dict(arguments)
+    for key, value in RECIPES[recipe].items():
+        if key == "map_layers" and list(settings["layers"]) != list(DEFAULT_LAYERS):
+            continue
+        if settings[key] == defaults[key]:
+            settings[key] = value
+    return settings
+
+
+def check_optimizer_arguments(settings: Mapping[str, Any]) -> None:
+    """Refuse optimiser and schedule arguments that would fail deep inside torch or train nothing.
+
+    Args:
+        settings: ADTR's effective arguments (``lr``, ``weight_decay``, ``lr_schedule``, ``warmup_steps``,
+            ``gradient_clip_val``).
+
+    Raises:
+        ValueError: Naming the argument and the values it accepts.
+    """
+    lr_schedule = settings["lr_schedule"]
+    if lr_schedule not in {"step", "cosine"}:
+        msg = f"lr_schedule must be 'step' or 'cosine', got {lr_schedule!r}."
+        raise ValueError(msg)
+    lr, weight_decay = settings["lr"], settings["weight_decay"]
+    if not (math.isfinite(lr) and lr > 0 and math.isfinite(weight_decay) and weight_decay >= 0):
+        msg = f"lr must be a finite number > 0 and weight_decay one >= 0, got lr={lr}, weight_decay={weight_decay}."
+        raise ValueError(msg)
+    warmup_steps = settings["warmup_steps"]
+    if int(warmup_steps) != warmup_steps or warmup_steps < 0:
+        msg = f"warmup_steps must be a whole number >= 0, got {warmup_steps!r}."
+        raise ValueError(msg)
+    clip = settings["gradient_clip_val"]
+    if clip is not None and not (math.isfinite(clip) and clip > 0):
+        msg = f"gradient_clip_val must be None (no clipping) or a finite number > 0, got {clip!r}."
+        raise ValueError(msg)
 
 
 def lr_scheduler(

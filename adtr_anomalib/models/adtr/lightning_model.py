@@ -144,7 +144,37 @@ class ADTR(ADTRLightningMixin, AnomalibModule):
             evaluator=evaluator,
             visualizer=visualizer,
         )
-        self.build_adtr()
+        self.build_adtr(
+            backbone=backbone,
+            layers=layers,
+            pre_trained=pre_trained,
+            weights=weights,
+            feature_stride=feature_stride,
+            patch_size=patch_size,
+            reconstructor=reconstructor,
+            hidden_dim=hidden_dim,
+            num_encoder_layers=num_encoder_layers,
+            num_decoder_layers=num_decoder_layers,
+            num_heads=num_heads,
+            ffn_dim=ffn_dim,
+            dropout=dropout,
+            attention_dropout=attention_dropout,
+            neighbor_mask=neighbor_mask,
+            attention_locality=attention_locality,
+            pooling_kernel=pooling_kernel,
+            map_layers=map_layers,
+            feature_jitter=feature_jitter,
+            normalize_features=normalize_features,
+            normalize_map=normalize_map,
+            lr=lr,
+            weight_decay=weight_decay,
+            lr_schedule=lr_schedule,
+            warmup_steps=warmup_steps,
+            gradient_clip_val=gradient_clip_val,
+            bf16=bf16,
+            cache_features=cache_features,
+            recipe=recipe,
+        )
         self.loss = ADTRLoss(reduction=loss_reduction)
 
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:

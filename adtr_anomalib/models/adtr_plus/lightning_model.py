@@ -93,6 +93,9 @@ class ADTRPlus(ADTR, AnomalibModule):
             )
             raise ValueError(msg)
         super().__init__(**kwargs)
+        self.adtr_checkpoint = adtr_checkpoint
+        self.supervision = supervision
+        self.mask_threshold = mask_threshold
         self.loss = ADTRPlusLoss(alpha=alpha, k=k)
         # Saved with the model: a trained ADTR+ model restored from its own checkpoint must not be reset to
         # the ADTR starting point when it is trained further.
@@ -101,8 +104,8 @@ class ADTRPlus(ADTR, AnomalibModule):
     def load_weights(self) -> None:
         """Load the ADTR starting point (once, before training; a resumed ADTR+ checkpoint has it), then ADTR's
         backbone weights if still needed."""
-        if self.hparams.adtr_checkpoint and not bool(self.adtr_checkpoint_loaded):
-            self.load_adtr_checkpoint(self.hparams.adtr_checkpoint)
+        if self.adtr_checkpoint and not bool(self.adtr_checkpoint_loaded):
+            self.load_adtr_checkpoint(self.adtr_checkpoint)
         super().load_weights()
 
     def load_adtr_checkpoint(self, path: str | Path) -> None:
@@ -118,7 +121,7 @@ class ADTRPlus(ADTR, AnomalibModule):
         if dataset is None:
             return
         has_masks = getattr(dataset, "task", None) == TaskType.SEGMENTATION
-        if self.hparams.supervision == "pixel" and not has_masks:
+        if self.supervision == "pixel" and not has_masks:
             msg = (
                 "supervision='pixel' needs pixel masks, but the training data have none (classification task). "
                 "Give masks (FolderWithAnomalies train_mask_dir, a test split with masks) or use "
@@ -140,10 +143,10 @@ class ADTRPlus(ADTR, AnomalibModule):
         error = pseudo_huber_error(features, self.reconstruct_for_training(features))
         labels = batch.gt_label.float() if batch.gt_label is not None else torch.zeros(len(error), device=error.device)
         token_labels = None
-        if self.hparams.supervision != "image" and batch.gt_mask is not None:
-            token_labels = masks_to_token_labels(batch.gt_mask, error.shape[-2:], self.hparams.mask_threshold)
+        if self.supervision != "image" and batch.gt_mask is not None:
+            token_labels = masks_to_token_labels(batch.gt_mask, error.shape[-2:], self.mask_threshold)
             labels = torch.maximum(labels, token_labels.flatten(1).amax(dim=1))
-        elif self.hparams.supervision == "pixel":
+        elif self.supervision == "pixel":
             msg = "supervision='pixel' but this training batch has no masks (gt_mask is None)."
             raise ValueError(msg)
         loss = self.loss(error, labels, token_labels)
