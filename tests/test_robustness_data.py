@@ -3,6 +3,7 @@ before training with an error that names the file and says what to do."""
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -254,3 +255,38 @@ def test_real_bsdata_images_and_masks_pass_the_check(bsdata_root: Path) -> None:
     check_datamodule_files(datamodule)
     assert len(datamodule.train_data) == 550
     assert (datamodule.test_data.samples["mask_path"] != "").sum() == 167
+
+
+def test_hidden_files_warning_only_for_images_hidden_below_the_data_folder(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """anomalib calls every image under a hidden folder (``~/.cache``) hidden; the plugin keeps only real cases."""
+    from anomalib.data.utils.path import _prepare_files_labels
+
+    from adtr_anomalib.data import HiddenFilesFilter
+
+    path_logger = logging.getLogger("anomalib.data.utils.path")
+    under_hidden = tmp_path / ".cache" / "part" / "good"
+    save_image(under_hidden / "000.png", np.zeros((8, 8, 3), np.uint8))
+    with_hidden = tmp_path / "plain" / "good"
+    save_image(with_hidden / "000.png", np.zeros((8, 8, 3), np.uint8))
+    save_image(with_hidden / ".copy" / "001.png", np.zeros((8, 8, 3), np.uint8))
+
+    def warned(folder: Path) -> bool:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=path_logger.name):
+            _prepare_files_labels(folder, "normal")
+        return any("hidden files found" in record.getMessage() for record in caplog.records)
+
+    assert any(isinstance(f, HiddenFilesFilter) for f in path_logger.filters)
+    assert not warned(under_hidden)
+    assert warned(with_hidden)
+    # Control: without the filter anomalib warns about the folder under ~/.cache too.
+    filters = [f for f in path_logger.filters if isinstance(f, HiddenFilesFilter)]
+    for f in filters:
+        path_logger.removeFilter(f)
+    try:
+        assert warned(under_hidden)
+    finally:
+        for f in filters:
+            path_logger.addFilter(f)

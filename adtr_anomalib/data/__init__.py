@@ -9,6 +9,8 @@
 * seeded subsets of the training and test images for quick runs: :func:`subsample_splits`.
 """
 
+import logging
+
 from adtr_anomalib.data.anomalies import (
     FolderWithAnomalies,
     WithAnomalies,
@@ -19,7 +21,7 @@ from adtr_anomalib.data.folder import HELD_OUT_VALIDATION, mvtec_layout_folder
 from adtr_anomalib.data.subset import subsample_splits
 from adtr_anomalib.data.synthetic import AnomalyInjectionDataset, ConfettiNoise
 from adtr_anomalib.data.textures import DEFECT_TYPES, TEXTURE_CATEGORIES, default_dataset_root, make_texture_dataset
-from adtr_anomalib.data.validation import DataError, check_datamodule_files, check_folder_layout
+from adtr_anomalib.data.validation import DataError, HiddenFilesFilter, check_datamodule_files, check_folder_layout
 
 __all__ = [
     "DEFECT_TYPES",
@@ -39,3 +41,6 @@ __all__ = [
     "mvtec_layout_folder",
     "subsample_splits",
 ]
+
+# anomalib reports every image of a data set under a hidden folder (e.g. the built-in textures in ~/.cache) as hidden.
+logging.getLogger("anomalib.data.utils.path").addFilter(HiddenFilesFilter())

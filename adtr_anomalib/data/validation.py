@@ -25,6 +25,8 @@ never lists them).
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 __all__ = [
     "DataError",
+    "HiddenFilesFilter",
     "check_datamodule_files",
     "check_dataset_files",
     "check_folder_layout",
@@ -75,6 +78,27 @@ def list_images(folder: str | Path, extensions: Sequence[str] | None = None) -> 
         return []
     suffixes = {suffix.lower() for suffix in (extensions or IMG_EXTENSIONS)}
     return sorted(path for path in folder.glob("**/*") if path.suffix.lower() in suffixes and not path.is_dir())
+
+
+class HiddenFilesFilter(logging.Filter):
+    """Drop anomalib's "hidden files found" warning when no image below the folder it names is hidden.
+
+    anomalib counts a file as hidden when any part of its absolute path starts with a dot, so every image of a data
+    set under a hidden folder such as ``~/.cache`` (the built-in textures) is reported, with a request to check. A
+    warning about files that are hidden below the folder passes unchanged. Installed on anomalib's
+    ``anomalib.data.utils.path`` logger when :mod:`adtr_anomalib.data` is imported.
+    """
+
+    _MESSAGE = re.compile(r"\d+ hidden files found in (?P<folder>.+)\. Please make sure this is intended\.")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Whether to keep ``record``: anything but a hidden-files warning, or one with an image hidden below its
+        folder."""
+        match = self._MESSAGE.fullmatch(record.getMessage())
+        if match is None:
+            return True
+        folder = Path(match.group("folder"))
+        return any(part.startswith(".") for image in list_images(folder) for part in image.relative_to(folder).parts)
 
 
 def _raise(problems: list[str]) -> None:
