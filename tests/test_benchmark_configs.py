@@ -154,7 +154,7 @@ def test_adtr_plus_bsdata_config_plans_the_control_and_both_adtr_plus_arms_from_
     trains_on_moved = [job.model.label for job in jobs[:5] if (job.model.train_anomalies or {}).get("train_on_moved")]
     assert trains_on_moved == ["ADTR+ (labelled)"]
     recipes = {job.model.init_args.get("recipe") for job in jobs if job.model.key in {"adtr", "adtr_plus"}}
-    assert recipes == {"fast_stride8"}  # one recipe everywhere, so ADTR+ can start from ADTR
+    assert recipes == {"fast_stride8_local"}  # the recommended recipe everywhere, so ADTR+ can start from ADTR
 
 
 def test_moving_test_images_changes_every_jobs_fingerprint_so_resume_runs_them_again() -> None:
