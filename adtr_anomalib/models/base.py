@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -97,8 +97,8 @@ class ADTRLightningMixin:
         self._map_statistics_step: int | None = None  # global step the map statistics were fitted at
 
     @staticmethod
-    def _network(input_size: tuple[int, int], arguments: Any) -> ADTRModel:
-        """The torch model for ``input_size`` from ADTR's arguments (a mapping), without backbone weights."""
+    def _network(input_size: tuple[int, int], arguments: Mapping[str, Any]) -> ADTRModel:
+        """The torch model for ``input_size`` from ADTR's arguments, without backbone weights."""
         return ADTRModel(pre_trained=False, input_size=input_size, **{k: arguments[k] for k in MODEL_ARGUMENTS})
 
     @classmethod
