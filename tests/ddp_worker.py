@@ -87,7 +87,10 @@ def main() -> None:
         synthetic_anomalies=ConfettiNoise(probability=0.5),
     )
     plus = small_adtr(model_class=ADTRPlus, adtr_checkpoint=checkpoint, evaluator=inspection_evaluator(), **OPTIONS)
-    plus_engine = engine(args.out / "plus", args.devices, [])
+    # Both ranks are running by now, so both would create anomalib's next versioned results folder at once (Engine.fit,
+    # create_versioned_dir) and one can fail with FileExistsError; each rank keeps its own folder, as rank 1 already
+    # does for the first fit (it starts after rank 0 made its folder). Lightning broadcasts rank 0's checkpoint folder.
+    plus_engine = engine(args.out / "plus" / f"rank{os.environ.get('LOCAL_RANK', '0')}", args.devices, [])
     plus_engine.fit(model=plus, datamodule=plus_data)
     plus_metrics = plus_engine.test(model=plus, datamodule=plus_data)[0]
 
