@@ -10,7 +10,7 @@ from adtr_anomalib import data  # noqa: F401
 from adtr_anomalib._registration import register_models
 from adtr_anomalib.models import ADTR, ADTRModel, ADTRPlus
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["ADTR", "ADTRModel", "ADTRPlus", "__version__"]
 
 register_models(ADTR, ADTRPlus)

@@ -4,7 +4,7 @@ anomalib's :class:`~anomalib.post_processing.PostProcessor` maps scores linearly
 and clamps them to [0, 1]. Test metrics are computed on those clamped values, so every test score beyond the
 clamp ties with its neighbours: with held-back validation images (not the test images), real defects weaker than
 the validation anomalies tie with normal images at 0, and AUROC, AUPRO and F1Max fall although the raw scores
-rank them correctly (README, "Thresholds from held-back images").
+rank them correctly (docs/thresholds.md).
 """
 
 from __future__ import annotations

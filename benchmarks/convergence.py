@@ -47,7 +47,16 @@ from adtr_anomalib.models.training import RECIPES, lr_scheduler, native_bf16
 
 BACKBONE = "tf_efficientnet_lite0"
 SHARED_DATA = Path(os.environ.get("ADTR_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-DATASETS = {"bsdata": "bsdata_pitting", "brick": "brick", "grass": "grass", "gravel": "gravel"}
+# Surfaces (BSData pitting, the built-in textures) and an object with global structure (juice bottles whose defects
+# are missing, extra or misplaced labels and wrong fill levels: MVTec LOCO, in the shared data folder).
+DATASETS = {
+    "bsdata": "bsdata_pitting",
+    "brick": "brick",
+    "grass": "grass",
+    "gravel": "gravel",
+    "juice": "juice_bottle_logical",
+}
+SHARED_SETS = {"bsdata", "juice"}
 
 
 @dataclass(frozen=True)
@@ -172,7 +181,7 @@ class Split:
 
 
 def dataset_root(name: str) -> Path:
-    if name == "bsdata":
+    if name in SHARED_SETS:
         return SHARED_DATA / DATASETS[name]
     return make_texture_dataset(default_dataset_root(), name)
 
@@ -229,7 +238,13 @@ def features_for(name: str, recipe: Recipe, cache: dict, device: torch.device | 
 
 
 def evaluate(
-    reconstructor: ADTRReconstructor, test: Split, recipe: Recipe, train: Split, held: Split | None = None
+    reconstructor: ADTRReconstructor,
+    test: Split,
+    recipe: Recipe,
+    train: Split,
+    held: Split | None = None,
+    *,
+    light: bool = False,
 ) -> dict[str, float]:
     """Test metrics of the current reconstructor, maps min-max scaled to [0, 1] (the metrics are rank-based).
 
@@ -252,7 +267,7 @@ def evaluate(
         no32 = list(range(starts[-2]))
     with torch.no_grad():
         rms = residual_rms(reconstructor, train)
-        priors = {"": fit_prior(reconstructor, train, keep, no32, recipe.image_size)}
+        priors = {"": fit_prior(reconstructor, train, keep, no32, recipe.image_size, rms)}
         if held is not None:
             priors["_held"] = fit_prior(reconstructor, held, keep, no32, recipe.image_size)
         maps: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -279,11 +294,25 @@ def evaluate(
         metrics["image_AUROC_no32_pool16_max"] = variant["image_AUROC_pool16_max"]
         variant = map_metrics(maps["no32_posz"], test)
         metrics.update({f"{name}_no32_posz": variant[name] for name in ("pixel_AUROC", "pixel_AUPRO")})
-    for suffix in ("whiten", "posz"):
+    if recipe.normalize_map:  # the same model's maps without the per-pixel standardisation, and half of each
+        for name in ("pixel", "all"):
+            # The raw map standardised by one mean and deviation over every pixel of the training maps keeps where
+            # normal images err most; averaged with the per-pixel z-score it weighs both views equally.
+            mean, std = priors[""][name]
+            overall = mean.mean()
+            spread = ((std.pow(2) + mean.pow(2)).mean() - overall.pow(2)).clamp_min(1e-12).sqrt()
+            maps[f"{name}_blend"] = (maps[f"{name}_posz"] + (maps[name] - overall) / spread) / 2
+        for variant, (pixel_map, image_map) in {"raw": ("pixel", "all"), "blend": ("pixel_blend", "all_blend")}.items():
+            pixel, image = map_metrics(maps[pixel_map], test), map_metrics(maps[image_map], test, pixel=False)
+            metrics.update({f"{k}_{variant}": pixel[k] for k in ("pixel_AUROC", "pixel_AUPRO")})
+            metrics[f"image_AUROC_{variant}_pool16_max"] = image["image_AUROC_pool16_max"]
+    for suffix in ("whiten", "posz", "whiten_posz"):
         pixel = map_metrics(maps[f"pixel_{suffix}"], test)
         image = map_metrics(maps[f"all_{suffix}"], test, pixel=False)
         metrics.update({f"pixel_AUROC_{suffix}": pixel["pixel_AUROC"], f"pixel_AUPRO_{suffix}": pixel["pixel_AUPRO"]})
         metrics[f"image_AUROC_{suffix}_pool16_max"] = image["image_AUROC_pool16_max"]
+    if light:  # the maps alone: the recipe's own, whitened, standardised per pixel, both
+        return metrics
     if recipe.holdout:
         metrics.update(stage_standardised_metrics(reconstructor, test, recipe, train, no32))
     metrics.update(blurred_metrics(maps[f"{'no32' if no32 is not None else 'pixel'}{standardised}"], test))
@@ -381,17 +410,29 @@ def stage_standardised_metrics(
 
 
 def fit_prior(
-    reconstructor: ADTRReconstructor, split: Split, keep: list[int], no32: list[int] | None, image_size: int
+    reconstructor: ADTRReconstructor,
+    split: Split,
+    keep: list[int],
+    no32: list[int] | None,
+    image_size: int,
+    rms: torch.Tensor | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per-pixel mean and std of the maps (all stages, pixel-map stages, without stride 32) of ``split``'s images."""
-    maps = split_maps(reconstructor, split, keep, no32, image_size)
+    """Per-pixel mean and std of the maps (all stages, pixel-map stages, without stride 32) of ``split``'s images;
+    with ``rms``, also of the channel-whitened maps (``all_whiten``, ``pixel_whiten``)."""
+    maps = split_maps(reconstructor, split, keep, no32, image_size, rms)
     return {name: per_pixel_statistics(batches) for name, batches in maps.items()}
 
 
 def split_maps(
-    reconstructor: torch.nn.Module, split: Split, keep: list[int], no32: list[int] | None, image_size: int
+    reconstructor: torch.nn.Module,
+    split: Split,
+    keep: list[int],
+    no32: list[int] | None,
+    image_size: int,
+    rms: torch.Tensor | None = None,
 ) -> dict[str, list[torch.Tensor]]:
-    """Batches of ``split``'s maps: all stages (``all``), the pixel map's stages (``pixel``), without stride 32."""
+    """Batches of ``split``'s maps: all stages (``all``), the pixel map's stages (``pixel``), without stride 32,
+    and with ``rms`` the first two of the difference divided by each channel's RMS (``*_whiten``)."""
     maps: dict[str, list[torch.Tensor]] = defaultdict(list)
     for chunk in split.features.split(32):
         difference = chunk - reconstructor(chunk)
@@ -399,6 +440,10 @@ def split_maps(
         maps["pixel"].append(norm_map(difference[:, keep], image_size))
         if no32 is not None:
             maps["no32"].append(norm_map(difference[:, no32], image_size))
+        if rms is not None:
+            whitened = difference / rms[:, None, None]
+            maps["all_whiten"].append(norm_map(whitened, image_size))
+            maps["pixel_whiten"].append(norm_map(whitened[:, keep], image_size))
     return maps
 
 
@@ -466,8 +511,14 @@ def train_curve(
     seed: int,
     eval_epochs: list[int],
     time_limit: float | None = None,
+    eval_steps: list[int] | None = None,
+    light: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """Train one reconstructor for ``max(eval_epochs)`` epochs; test it after each epoch in ``eval_epochs``.
+
+    With ``eval_steps``, the run is ``max(eval_steps)`` optimiser steps long instead (the schedule spans them, as
+    a step budget's does) and is tested after each of those steps. ``light`` tests only the maps (see
+    :func:`evaluate`).
 
     Yields each test's row as soon as it is measured, so a run cut short (a capped stage on a loaned GPU) keeps the
     rows it has. With ``time_limit``, training stops after the first epoch that ends past that many training seconds,
@@ -502,14 +553,21 @@ def train_curve(
     loss_fn = ADTRLoss(reduction=recipe.loss_reduction)
     optimizer = torch.optim.AdamW(reconstructor.parameters(), lr=recipe.lr, weight_decay=1e-4)
     steps_per_epoch = math.ceil(num_images / recipe.batch_size)
-    epochs = max(eval_epochs)
-    schedule = steps_per_epoch * (recipe.schedule_epochs or epochs)
+    if eval_steps:
+        schedule = max(eval_steps)
+        epochs = math.ceil(schedule / steps_per_epoch)
+    else:
+        epochs = max(eval_epochs)
+        schedule = steps_per_epoch * (recipe.schedule_epochs or epochs)
     scheduler = lr_scheduler(optimizer, recipe.lr_schedule, schedule, recipe.warmup_steps)
     generator = torch.Generator().manual_seed(seed)
     seconds = 0.0
+    step = 0
     for epoch in range(1, epochs + 1):
         started = time.perf_counter()
         for index in torch.randperm(num_images, generator=generator).split(recipe.batch_size):
+            if eval_steps and step >= schedule:
+                break
             features = train.features[index]
             with torch.autocast(train.features.device.type, dtype=torch.bfloat16, enabled=bf16):
                 reconstruction = reconstructor(features)
@@ -520,18 +578,42 @@ def train_curve(
                 torch.nn.utils.clip_grad_norm_(reconstructor.parameters(), recipe.gradient_clip_val)
             optimizer.step()
             scheduler.step()
+            step += 1
+            if eval_steps and step in eval_steps:
+                seconds += time.perf_counter() - started
+                yield test_row(reconstructor, test, recipe, train, held, light, epoch, step, seconds, loss)
+                started = time.perf_counter()
+        if eval_steps:
+            seconds += time.perf_counter() - started
+            continue
         seconds += time.perf_counter() - started
         over = time_limit is not None and seconds > time_limit and epoch < epochs
         if epoch in eval_epochs or over:
-            metrics = evaluate(reconstructor, test, recipe, train, held)
-            print(
-                f"  epoch {epoch:3d} {seconds:7.0f} s  " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items()),
-                flush=True,
-            )
-            yield {"epoch": epoch, "train_seconds": round(seconds, 1), "loss": float(loss.detach()), **metrics}
+            yield test_row(reconstructor, test, recipe, train, held, light, epoch, step, seconds, loss)
         if over:
             print(f"  stopped after epoch {epoch}: over the --time-limit of {time_limit:.0f} s", flush=True)
             return
+
+
+def test_row(
+    reconstructor: ADTRReconstructor,
+    test: Split,
+    recipe: Recipe,
+    train: Split,
+    held: Split | None,
+    light: bool,
+    epoch: int,
+    step: int,
+    seconds: float,
+    loss: torch.Tensor,
+) -> dict[str, Any]:
+    """The results row of one test of a run in training, printed as it is measured."""
+    metrics = evaluate(reconstructor, test, recipe, train, held, light=light)
+    print(
+        f"  epoch {epoch:3d} step {step:5d} {seconds:7.0f} s  " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items()),
+        flush=True,
+    )
+    return {"epoch": epoch, "step": step, "train_seconds": round(seconds, 1), "loss": float(loss.detach()), **metrics}
 
 
 def recipe_settings(recipe: Recipe) -> dict[str, Any]:
@@ -539,14 +621,17 @@ def recipe_settings(recipe: Recipe) -> dict[str, Any]:
     return {k: v for k, v in asdict(recipe).items() if k not in LATER_FIELDS or v != LATER_FIELDS[k]}
 
 
-def run_settings(recipe: Recipe, eval_epochs: list[int], device: torch.device) -> str:
+def run_settings(
+    recipe: Recipe, eval_epochs: list[int], device: torch.device, eval_steps: list[int] | None = None
+) -> str:
     """A run's ``settings`` column, by which a stopped ablation knows the runs it already has.
 
     Runs on a GPU are told apart from CPU runs of the same recipe (bf16 there, other numbers); CPU runs keep the
     form of the rows written before the device existed, so those still match.
     """
     on = {} if device.type == "cpu" else {"device": device.type}
-    return repr({**recipe_settings(recipe), "eval_epochs": eval_epochs, **on})
+    when = {"eval_steps": eval_steps} if eval_steps else {"eval_epochs": eval_epochs}
+    return repr({**recipe_settings(recipe), **when, **on})
 
 
 def provenance(device: torch.device) -> dict[str, str]:
@@ -563,6 +648,16 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES_TRIED), choices=list(RECIPES_TRIED))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--eval-epochs", nargs="+", type=int, default=[2, 4, 6, 8, 12])
+    parser.add_argument(
+        "--eval-steps",
+        nargs="+",
+        type=int,
+        default=None,
+        help="train max(STEPS) optimiser steps (the schedule spans them) and test after each; replaces --eval-epochs",
+    )
+    parser.add_argument(
+        "--light", action="store_true", help="test the maps only: no fused, blurred or per-stage columns (faster)"
+    )
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/convergence.csv"))
     parser.add_argument(
         "--rerun",
@@ -587,31 +682,37 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     eval_epochs = sorted(set(args.eval_epochs))
-    done = finished_runs(args.output, max(eval_epochs), args.time_limit)
+    eval_steps = sorted(set(args.eval_steps)) if args.eval_steps else None
+    last = ("step", max(eval_steps)) if eval_steps else ("epoch", max(eval_epochs))
+    done = finished_runs(args.output, last[1], args.time_limit, column=last[0])
     cache: dict = {}
     for dataset in args.datasets:
         for recipe_name in args.recipes:
             recipe = RECIPES_TRIED[recipe_name]
-            settings = run_settings(recipe, eval_epochs, device)
+            settings = run_settings(recipe, eval_epochs, device, eval_steps)
             for seed in args.seeds:
                 if not args.rerun and (dataset, recipe_name, str(seed), settings) in done:
                     continue
                 print(f"{dataset} {recipe_name} seed {seed}", flush=True)
                 train, test = features_for(dataset, recipe, cache, device)
-                for row in train_curve(recipe, train, test, seed, eval_epochs, args.time_limit):
+                rows = train_curve(recipe, train, test, seed, eval_epochs, args.time_limit, eval_steps, args.light)
+                for row in rows:
                     write_rows(args.output, dataset, recipe_name, seed, settings, [row], device)
 
 
-def finished_runs(path: Path, last_epoch: int, time_limit: float | None) -> set[tuple[str, str, str, str]]:
+def finished_runs(
+    path: Path, last_epoch: int, time_limit: float | None, column: str = "epoch"
+) -> set[tuple[str, str, str, str]]:
     """(dataset, recipe, seed, settings) of the runs in ``path`` that ended: tested at ``last_epoch`` (a control at
-    epoch 0), or stopped by ``time_limit``. A run cut short before either (a capped stage) is not among them, so the
-    next invocation trains it again; summaries then use its latest rows."""
+    epoch 0; with ``column="step"``, the last step), or stopped by ``time_limit``. A run cut short before either
+    (a capped stage) is not among them, so the next invocation trains it again; summaries then use its latest
+    rows."""
     if not path.exists():
         return set()
     ends: dict[tuple[str, str, str, str], bool] = defaultdict(bool)
     with path.open(newline="") as handle:
         for r in csv.DictReader(handle):
-            ended = int(r["epoch"]) in {0, last_epoch}
+            ended = int(r["epoch"]) == 0 or str(r.get(column) or "") == str(last_epoch)
             stopped = time_limit is not None and float(r["train_seconds"]) > time_limit
             key = (r["dataset"], r["recipe"], r["seed"], r["settings"])
             ends[key] = ends[key] or ended or stopped

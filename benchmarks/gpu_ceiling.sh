@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The ceiling on a GPU (issue 12, item 5): on BSData pitting, the paper's full recipe (500 epochs, step decay at
+# The ceiling on a GPU: on BSData pitting, the paper's full recipe (500 epochs, step decay at
 # 400) against the recommended recipe "fast_stride8_local", both as learning curves of benchmarks/convergence.py
 # (same code, features and metrics as the CPU curves, bf16 on the GPU), then the recommended benchmark through
 # anomalib's Engine on the GPU (configs/benchmark/recommended.yaml: ADTR and PaDiM, one run).

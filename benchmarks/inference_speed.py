@@ -14,8 +14,8 @@ Models are fitted briefly (64 images) on the built-in brick textures: speed does
 are trained. PatchCore's memory bank is sized like a 1% coreset of a 550-image training set (BSData's) and
 filled with random training patches: its nearest-neighbour cost depends only on the bank's size, and
 anomalib's greedy coreset search takes tens of minutes on 2 cores. When PatchCore is among ``--models`` every model
-runs under ``MALLOC_MMAP_THRESHOLD_=1048576`` (spec §5: PatchCore needs it; allocator settings alone move throughput,
-so all models get the same); without it, under glibc's default.
+runs under ``MALLOC_MMAP_THRESHOLD_=1048576`` (PatchCore needs it on small machines; allocator settings alone move
+throughput, so all models get the same); without it, under glibc's default.
 
 Run:  python benchmarks/inference_speed.py [--threads 2] [--adtr-checkpoint model.ckpt] [--output results/speed]
 """
@@ -23,10 +23,8 @@ Run:  python benchmarks/inference_speed.py [--threads 2] [--adtr-checkpoint mode
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -45,7 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from adtr_anomalib import ADTR
 from adtr_anomalib.benchmark import build_model, heap_setting_for, markdown_table, write_csv
-from adtr_anomalib.benchmark.measure import fastest_interleaved, machine, peak_memory, timed
+from adtr_anomalib.benchmark.measure import fastest_interleaved, machine, matmul_peak, peak_memory, timed
 from adtr_anomalib.benchmark.report import unused_path
 from adtr_anomalib.data import default_dataset_root, make_texture_dataset, mvtec_layout_folder
 from adtr_anomalib.deploy import PARITY_TOLERANCES, openvino_config
@@ -138,18 +136,6 @@ def describe(peaks: dict[str, float]) -> str:
         f"{datetime.now().isoformat(timespec='minutes')}, {machine()}; matmul peak fp32 {peaks['fp32']:.0f}, bf16 "
         f"{peaks['bf16']:.0f} GFLOP/s; {SIZE}x{SIZE} inputs; OpenVINO {openvino.__version__}."
     )
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    """Best GFLOP/s of an n x n matmul in ``dtype`` on the current thread count."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b  # warm-up
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
 
 
 def parity_images(root: Path, count: int = 8) -> np.ndarray:

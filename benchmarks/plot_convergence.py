@@ -26,6 +26,7 @@ import matplotlib as mpl
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the arms are defined by the sibling convergence.py
 from convergence import RECIPES_TRIED, recipe_settings
 
+from adtr_anomalib.benchmark.report import seed_spread
 from adtr_anomalib.plotting import save_with_palette
 
 mpl.use("Agg")
@@ -115,7 +116,7 @@ def summarise(curves: list[dict[str, str]], by_schedule: bool = False) -> list[d
             if len(values) < len(rows):
                 entry[f"{key}_seeds"] = len(values)
             entry[f"{key}_mean"] = round(statistics.fmean(values), 4)
-            entry[f"{key}_std"] = round(statistics.pstdev(values), 4)
+            entry[f"{key}_std"] = round(seed_spread(values), 4)
             entry[f"{key}_min"] = round(min(values), 4)
             entry[f"{key}_max"] = round(max(values), 4)
         summary.append(entry)

@@ -20,7 +20,6 @@ with the row "paper, bf16 forced": the code path before that check (bf16 autocas
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from adtr_anomalib.benchmark.measure import fastest_interleaved, provenance, timed
+from adtr_anomalib.benchmark.measure import fastest_interleaved, matmul_peak, provenance, timed
 from adtr_anomalib.benchmark.report import append_csv
 from adtr_anomalib.models.adtr.loss import ADTRLoss
 from adtr_anomalib.models.adtr.torch_model import ADTRReconstructor
@@ -37,18 +36,6 @@ from adtr_anomalib.models.training import RECIPES, native_bf16
 
 CHANNELS, TOKENS, BATCH = 512, 256, 16
 RECOMMENDED = "fast, stride 8 with 2x2 patch tokens, local attention"  # recipe "fast_stride8_local"
-
-
-def matmul_peak(dtype: torch.dtype, size: int = 2048, seconds: float = 3.0) -> float:
-    """Best GFLOP/s of ``size``-square products in ``dtype`` over about ``seconds``."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b  # warm-up
-    best, deadline = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        started = time.perf_counter()
-        a @ b
-        best = max(best, 2 * size**3 / (time.perf_counter() - started) / 1e9)
-    return best
 
 
 def training_step(

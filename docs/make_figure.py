@@ -1,7 +1,7 @@
 """Draw docs/adtr.png, the README's picture: ADTR's heat maps and score histogram after ``make demo``'s training.
 
-Trains exactly as ``adtr-anomalib demo`` does (built-in brick textures, 256x256, Lite0, its default recipe
-"fast_stride8_local" and epochs; minutes on a CPU), predicts the test set and plots one good image and the first
+Trains exactly as ``adtr-anomalib demo`` does (built-in brick textures, 256x256, Lite0, its default recipe and
+optimiser steps; minutes on a CPU), predicts the test set and plots one good image and the first
 image of every defect type (not picked for looks) next to the scores of all test images. The PNG is stored with a
 256-colour palette to stay small. The demo's metrics, quoted in the README's caption, are appended to
 ``docs/adtr_metrics.csv`` with the date, commit and machine.

@@ -9,6 +9,7 @@ from anomalib.cli import AnomalibCLI
 from anomalib.data.utils import ValSplitMode
 
 from adtr_anomalib import ADTR
+from adtr_anomalib.models.training import DEFAULT_RECIPE, DEFAULT_STEPS, step_budget
 from adtr_anomalib.post_processing import RankPreservingPostProcessor
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "adtr"
@@ -33,14 +34,15 @@ def test_config_builds_the_model_without_downloading(name: str) -> None:
     assert not bool(model.model.backbone_weights_loaded)  # weights come when training starts, not at parse time
 
 
-def test_recommended_offline_config_uses_the_fast_recipe_and_held_out_validation() -> None:
+def test_recommended_offline_config_uses_the_default_recipe_steps_and_held_out_validation() -> None:
     init = AnomalibCLI(["train", "-c", str(CONFIGS / "lite0_offline.yaml")], run=False).config_init["train"]
     model, data = init["model"], init["data"]
-    assert model.hparams.recipe == "fast_stride8_local"
-    assert model.hparams.attention_locality == 1.0
-    assert (model.hparams.feature_stride, model.hparams.patch_size) == (8, 2)
+    assert model.hparams.recipe == DEFAULT_RECIPE == "fast"
+    assert model.hparams.attention_locality == 0.0  # global attention: objects need to see what belongs where
+    assert (model.hparams.feature_stride, model.hparams.patch_size) == (16, 1)
     assert model.hparams.normalize_features
     assert model.hparams.dropout == 0.0
     assert isinstance(model.post_processor, RankPreservingPostProcessor)
     assert data.val_split_mode == ValSplitMode.SYNTHETIC  # thresholds never from the test images
-    assert init["trainer"]["check_val_every_n_epoch"] == init["trainer"]["max_epochs"]
+    budget = step_budget(DEFAULT_STEPS)  # optimiser steps, one validation at the end
+    assert {key: init["trainer"][key] for key in budget} == budget

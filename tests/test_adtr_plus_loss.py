@@ -1,4 +1,4 @@
-"""ADTR+ losses (spec §3): values against hand-computed examples, numerical stability, mask down-sampling,
+"""ADTR+ losses: values against hand-computed examples, numerical stability, mask down-sampling,
 and the direction of one optimisation step."""
 
 import math

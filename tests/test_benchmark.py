@@ -86,8 +86,9 @@ def test_summary_gives_mean_and_sample_std_over_seeds_and_keeps_failed_rows() ->
     assert summaries[0]["image_AUROC"] == pytest.approx(0.85)
     assert summaries[0]["image_AUROC_std"] == pytest.approx(statistics.stdev([0.8, 0.9]))
     table = summary_table(summaries).splitlines()
-    assert _cells(table[2])[:5] == ["d", "m", "0, 1", "1", "0.850 ± 0.071"]
-    assert _cells(table[3])[:5] == ["d", "broken", "none (failed: 0)", "1", "n/a"]
+    # Columns: dataset, model, seeds, epochs, steps (none: these rows trained by epochs), then the metrics.
+    assert _cells(table[2])[:6] == ["d", "m", "0, 1", "1", "n/a", "0.850 ± 0.071"]
+    assert _cells(table[3])[:6] == ["d", "broken", "none (failed: 0)", "1", "n/a", "n/a"]
 
 
 def test_subsets_are_seeded_per_label_and_validation_follows_test(tiny_textures_root) -> None:

@@ -87,7 +87,7 @@ def test_anomalib_benchmark_config_runs_adtr_next_to_padim_and_patchcore(tiny_te
     config = yaml.safe_load((CONFIGS / "anomalib_mvtec.yaml").read_text())
     entries = config["benchmark"]["model"]["grid"]
     assert [entry["class_path"] for entry in entries] == ["ADTR", "Padim", "Patchcore"]
-    # anomalib's result collection needs the same init_args keys in every entry (spec section 5).
+    # anomalib's result collection needs the same init_args keys in every entry.
     assert len({tuple(sorted(entry["init_args"])) for entry in entries}) == 1
     assert config["benchmark"]["data"]["init_args"]["category"]["grid"] == list(MVTEC_CATEGORIES)
 
@@ -130,9 +130,11 @@ def test_recommended_and_peers_configs_plan_adtr_fast_and_the_peers_on_full_data
     recommended = _plan("--config", str(CONFIGS / "recommended.yaml"), "--data", json.dumps([str(bsdata_root)]))
     assert [job.model.label for job in recommended] == ["ADTR", "PaDiM"]  # PatchCore: peers.yaml
     offline = yaml.safe_load((REPO / "configs" / "adtr" / "lite0_offline.yaml").read_text())
-    # ADTR as the recommended config trains it: the same recipe and epochs.
-    assert recommended[0].model.init_args == {"recipe": offline["model"]["init_args"]["recipe"]}
-    assert recommended[0].model.epochs == offline["trainer"]["max_epochs"]
+    # The development yardstick trains ADTR as the recommended config does: the same recipe and optimiser steps.
+    development = _plan("--config", str(CONFIGS / "development.yaml"), "--data", json.dumps([str(bsdata_root)]))
+    assert development[0].model.init_args == {"recipe": offline["model"]["init_args"]["recipe"]}
+    assert development[0].model.steps == offline["trainer"]["max_steps"]
+    assert [job.model.label for job in development] == ["ADTR", "PaDiM", "PatchCore"] * 2  # two seeds
     peers = _plan("--config", str(CONFIGS / "peers.yaml"), "--data", json.dumps(["builtin:brick", str(bsdata_root)]))
     assert sorted({job.data.label for job in peers}) == ["brick", "bsdata_pitting"]
     assert {job.model.label for job in peers} == {"PaDiM", "PatchCore"}
@@ -164,3 +166,28 @@ def test_moving_test_images_changes_every_jobs_fingerprint_so_resume_runs_them_a
     assert not set(moved) & set(without)
     with pytest.raises(ValueError, match="move_from_test must be a number of images >= 0"):
         _plan("--move_from_test", "-1")
+
+
+def test_steps_replace_epochs_for_models_that_set_neither_and_change_only_their_fingerprints() -> None:
+    without = _plan("--models", "[adtr, padim]")
+    assert [job.model.steps for job in without] == [None, None]
+    assert "steps" not in without[0].model.identity()  # benchmarks from before step budgets keep their fingerprints
+    stepped = _plan("--models", "[adtr, {name: padim, epochs: 1}]", "--steps", "200")
+    assert [job.model.steps for job in stepped] == [200, None]  # an entry's own epochs win over --steps
+    assert stepped[0].fingerprint != without[0].fingerprint
+    assert (
+        stepped[1].fingerprint != without[1].fingerprint or stepped[1].model.identity() == without[1].model.identity()
+    )
+
+
+@pytest.mark.parametrize(
+    ("entry", "match"),
+    [
+        ("{name: adtr, epochs: 2, steps: 100}", "set epochs or steps, not both"),
+        ("{name: adtr, steps: 0}", "steps must be a positive integer"),
+        ("{name: adtr, steps: 1.5}", "steps must be a positive integer"),
+    ],
+)
+def test_a_bad_step_budget_is_refused_with_the_model_entry_named(entry: str, match: str) -> None:
+    with pytest.raises(ValueError, match=rf"models\[0\]: {match}"):
+        _plan("--models", f"[{entry}]")

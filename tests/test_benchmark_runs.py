@@ -80,16 +80,27 @@ def test_two_models_two_seeds_table_resume_and_plot(tiny_textures_root, tmp_path
 
     table = (out / "results_1.md").read_text().splitlines()
     header = [cell.strip() for cell in table[0].strip("|").split("|")]
-    assert header[:4] == ["dataset", "model", "seeds", "epochs"]
-    assert header[4:] == [*METRICS, *COSTS]
+    assert header[:5] == ["dataset", "model", "seeds", "epochs", "steps"]
+    assert header[5:] == [*METRICS, *COSTS]
     for line, model in zip(table[2:4], ["ADTR", "PaDiM"], strict=True):
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         assert cells[:3] == ["brick", model, "0, 1"]
-        for metric, cell in zip(METRICS, cells[4:], strict=False):
+        for metric, cell in zip(METRICS, cells[5:], strict=False):
             values = [float(r[metric]) for r in rows if r["model"] == model]
             mean, std = format_value(metric, statistics.fmean(values)), format_value(metric, statistics.stdev(values))
             assert cell == f"{mean} ± {std}"
     assert (out / "accuracy_vs_throughput_1.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_step_budget_trains_adtr_that_many_steps_while_padim_keeps_its_single_pass(
+    tiny_textures_root, tmp_path
+) -> None:
+    stepped = {"name": "adtr", "steps": 3, "init_args": TINY_ADTR["init_args"]}
+    assert cli(_argv(tiny_textures_root, tmp_path / "bench", [stepped, "padim"], [0])) == 0
+    rows = {row["model"]: row for row in _csv(tmp_path / "bench" / "results.csv")}
+    # 8 training images at batch 8: one step an epoch, so 3 steps are 3 epochs.
+    assert (rows["ADTR"]["steps"], rows["ADTR"]["epochs"]) == ("3", "3")
+    assert rows["PaDiM"]["epochs"] == "1"
 
 
 def test_a_failing_job_fails_the_command_names_it_and_the_others_still_run(tiny_textures_root, tmp_path, capsys):

@@ -207,3 +207,16 @@ def test_runs_of_one_arm_on_schedules_of_different_lengths_can_be_told_apart() -
         "fast_stride8_local1 on cuda, 6-epoch schedule": 0.25,
         "fast_stride8_local1 on cuda, 50-epoch schedule": 0.75,
     }
+
+
+def test_a_step_budget_trains_that_many_steps_whatever_the_set_size_and_tests_at_each_planned_step(
+    tiny_curve: tuple,
+) -> None:
+    recipe, train, test = tiny_curve
+    # 8 tiny training images at batch 16: one step per epoch, so 3 steps need 3 epochs.
+    rows = list(convergence.train_curve(recipe, train, test, seed=0, eval_epochs=[1], eval_steps=[2, 3], light=True))
+
+    assert [(row["epoch"], row["step"]) for row in rows] == [(2, 2), (3, 3)]
+    # The light test keeps the maps' columns and leaves out the costly extras.
+    assert {"pixel_AUROC", "pixel_AUROC_whiten", "pixel_AUROC_posz"} <= set(rows[0])
+    assert not any(key.startswith(("pixel_AUROC_fused", "pixel_AUROC_blur")) for key in rows[0])

@@ -47,6 +47,8 @@ DOCS = [
     REPO / "README.md",
     REPO / "adtr_anomalib" / "models" / "adtr" / "README.md",
     REPO / "adtr_anomalib" / "models" / "adtr_plus" / "README.md",
+    REPO / "benchmarks" / "README.md",
+    *sorted((REPO / "docs").glob("*.md")),
 ]
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
@@ -150,7 +152,7 @@ def _check_make(args: list[str], **_: object) -> None:
 
 
 def _check_pip(args: list[str], **_: object) -> None:
-    assert args[0] == "install"
+    assert args[0] in {"install", "wheel"}
     specs = [arg for arg in args[1:] if not arg.startswith("-")]
     assert specs
     for spec in specs:
@@ -252,8 +254,8 @@ def test_python_snippets_compile_and_their_imports_resolve(doc: Path) -> None:
 
 
 def _parameter_table() -> dict[str, str]:
-    """``parameter -> default`` from the README's "Model parameters" table (first two columns, in backticks)."""
-    section = REPO.joinpath("README.md").read_text().split("## Model parameters", 1)[1].split("\n## ", 1)[0]
+    """``parameter -> default`` from the parameter guide's table (first two columns, in backticks)."""
+    section = REPO.joinpath("docs", "parameters.md").read_text().split("# Model parameters", 1)[1].split("\n## ", 1)[0]
     rows = re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", section, flags=re.MULTILINE)
     return dict(rows)
 
@@ -266,7 +268,7 @@ def test_readme_parameter_table_matches_the_code(model: type) -> None:
         for name, parameter in constructor_parameters(model).items()
         if name not in PROCESSOR_ARGUMENTS
     }
-    assert set(parameters) <= set(table), f"not in the README's table: {sorted(set(parameters) - set(table))}"
+    assert set(parameters) <= set(table), f"not in docs/parameters.md: {sorted(set(parameters) - set(table))}"
     for name, default in parameters.items():
         assert ast.literal_eval(table[name]) == default, f"{name}: README says {table[name]}, code says {default!r}"
 
@@ -336,3 +338,40 @@ def test_a_changed_number_in_a_marked_table_is_caught() -> None:
     assert changed != table
     assert _tables_differing_from_their_files(f"<!-- results: {path} -->\n{changed}")
     assert _tables_differing_from_their_files(f"<!-- results: missing/results.md -->\n{table}")
+
+
+# --- links between the documents -----------------------------------------------------------------------------------
+
+
+def _anchors(path: Path) -> set[str]:
+    """GitHub's anchors of a Markdown file's headings (lower case, punctuation dropped, spaces to hyphens)."""
+    text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.MULTILINE | re.DOTALL)
+    headings = re.findall(r"^#+ (.+)$", text, flags=re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-") for heading in headings}
+
+
+def _broken_links(doc: Path) -> list[str]:
+    broken = []
+    text = re.sub(r"^```.*?^```", "", doc.read_text(), flags=re.MULTILINE | re.DOTALL)
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if target.startswith(("http://", "https://", "mailto:")):
+            continue
+        path, _, anchor = target.partition("#")
+        file = (doc.parent / path).resolve() if path else doc
+        missing_heading = bool(anchor) and file.suffix == ".md" and anchor not in _anchors(file)
+        if not file.exists() or missing_heading:
+            broken.append(target)
+    return broken
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.relative_to(REPO).as_posix())
+def test_relative_links_and_anchors_resolve(doc: Path) -> None:
+    assert _broken_links(doc) == []
+
+
+def test_a_broken_link_is_caught(tmp_path: Path) -> None:
+    """Negative control: a missing file and a missing heading are both reported."""
+    (tmp_path / "other.md").write_text("# Some heading\n")
+    doc = tmp_path / "doc.md"
+    doc.write_text("[a](other.md#some-heading) [b](missing.md) [c](other.md#no-such-heading) [d](#local)\n# Local\n")
+    assert _broken_links(doc) == ["missing.md", "other.md#no-such-heading"]

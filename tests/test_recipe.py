@@ -15,7 +15,7 @@ from adtr_anomalib import ADTR, ADTRPlus
 from adtr_anomalib.data import mvtec_layout_folder
 from adtr_anomalib.models import base
 from adtr_anomalib.models.adtr.torch_model import FEATURE_STATISTICS, ADTRModel, ADTRReconstructor
-from adtr_anomalib.models.training import RECIPES, lr_scheduler
+from adtr_anomalib.models.training import DEFAULT_RECIPE, DEFAULT_STEPS, RECIPES, lr_scheduler
 from tests.conftest import TINY
 from tests.helpers import make_folder, tiny_adtr, tiny_engine, tiny_torch_model
 
@@ -167,6 +167,12 @@ def test_the_demo_offers_every_recipe() -> None:
     from adtr_anomalib.__main__ import RECIPE_NAMES
 
     assert sorted(RECIPE_NAMES) == sorted(RECIPES)
+
+
+def test_the_demo_trains_the_recommended_recipe_for_the_recommended_steps() -> None:
+    from adtr_anomalib.__main__ import DEMO_RECIPE, DEMO_STEPS
+
+    assert (DEMO_RECIPE, DEMO_STEPS) == (DEFAULT_RECIPE, DEFAULT_STEPS)
 
 
 @pytest.mark.parametrize(

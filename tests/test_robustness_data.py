@@ -1,4 +1,4 @@
-"""Robustness to bad images and masks (issue 7, items 1-3): every case is processed correctly, or refused
+"""Robustness to bad images and masks: every case is processed correctly, or refused
 before training with an error that names the file and says what to do."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Numerics (issue 7, item 4): losses and anomaly maps stay finite on extreme inputs (property-based), and
+"""Numerics: losses and anomaly maps stay finite on extreme inputs (property-based), and
 training that diverges stops with a clear message instead of saving a NaN model."""
 
 from __future__ import annotations

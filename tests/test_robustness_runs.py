@@ -1,4 +1,4 @@
-"""Interrupted and repeated runs (issue 7, item 5): a run resumed from its last checkpoint ends with the same
+"""Interrupted and repeated runs: a run resumed from its last checkpoint ends with the same
 weights as an uninterrupted one, results folders are versioned and never overwritten, and two runs with the
 same seed give the same scores. CPU, default settings (bf16 autocast and the feature cache on)."""
 

@@ -1,4 +1,4 @@
-"""Untrusted files (issue 7, item 6): a checkpoint with a malicious pickle payload is refused by every way our
+"""Untrusted files: a checkpoint with a malicious pickle payload is refused by every way our
 files are loaded, and its code never runs. The payload would create a marker file; the control test shows
 that it does when a file is unpickled without ``weights_only``."""
 

@@ -34,8 +34,8 @@ M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter that MALLOC_MMAP_THRESHOLD_ s
 def limit_heap_fragmentation() -> bool:
     """glibc's ``MALLOC_MMAP_THRESHOLD_=1048576`` for this running process and the processes it starts.
 
-    PatchCore's large, short-lived buffers otherwise fragment glibc's heap until a small machine runs out of memory
-    (spec section 5). The variable alone acts only when a process starts; ``mallopt`` applies the same threshold
+    PatchCore's large, short-lived buffers otherwise fragment glibc's heap until a small machine runs out of memory.
+    The variable alone acts only when a process starts; ``mallopt`` applies the same threshold
     now, so benchmarks need no re-execution of themselves. The variable is set too, for child processes.
 
     Returns:
@@ -95,6 +95,22 @@ def fastest_seconds(call: Callable[[], Any], min_calls: int = 3, min_seconds: fl
     while len(times) < min_calls or sum(times) < min_seconds:
         times.append(timed(call)[1])
     return min(times)
+
+
+def matmul_peak(dtype: torch.dtype, size: int = 2048, min_seconds: float = 3.0) -> float:
+    """The machine's matrix-product speed in ``dtype``: GFLOP/s of the fastest ``size``-square product, the yardstick
+    that model speeds are given as a share of.
+
+    Args:
+        dtype: ``torch.float32`` or ``torch.bfloat16``.
+        size: Side of the square matrices.
+        min_seconds: Least time spent on timed products.
+
+    Returns:
+        GFLOP/s.
+    """
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    return 2 * size**3 / fastest_seconds(lambda: a @ b, min_calls=5, min_seconds=min_seconds) / 1e9
 
 
 def fastest_interleaved(calls: Sequence[Callable[[], Any]], rounds: int = 12) -> list[float]:

@@ -27,12 +27,15 @@ from adtr_anomalib.data import (
     make_texture_dataset,
     mvtec_layout_folder,
 )
+from adtr_anomalib.models.training import DEFAULT_RECIPE, DEFAULT_STEPS
 
 BUILTIN = "builtin:"
-MODEL_FIELDS = ("name", "label", "epochs", "init_args", "start_from", "train_anomalies")
+MODEL_FIELDS = ("name", "label", "epochs", "steps", "init_args", "start_from", "train_anomalies")
 # Engine arguments every job gets from the benchmark itself (see run.run_job).
 BENCHMARK_TRAINER_ARGUMENTS = (
     "max_epochs",
+    "max_steps",
+    "val_check_interval",
     "check_val_every_n_epoch",
     "default_root_dir",
     "logger",
@@ -42,7 +45,7 @@ BENCHMARK_TRAINER_ARGUMENTS = (
     "callbacks",
 )
 DEFAULT_MODELS: list[str | dict[str, Any]] = [
-    {"name": "adtr", "init_args": {"recipe": "fast_stride8_local"}},
+    {"name": "adtr", "steps": DEFAULT_STEPS, "init_args": {"recipe": DEFAULT_RECIPE}},
     "padim",
     "patchcore",
 ]
@@ -65,8 +68,8 @@ def parser() -> ArgumentParser:
         "--models",
         type=list[str | dict[str, Any]],
         default=DEFAULT_MODELS,
-        help="models: a name (adtr, adtr_plus, padim, patchcore) or {name, label, epochs, init_args, start_from, "
-        "train_anomalies}",
+        help="models: a name (adtr, adtr_plus, padim, patchcore) or {name, label, epochs, steps, init_args, "
+        "start_from, train_anomalies}",
     )
     parser.add_argument(
         "--data",
@@ -77,6 +80,12 @@ def parser() -> ArgumentParser:
     )
     parser.add_argument("--seeds", type=list[int], default=[0], help="one job per seed; several give mean ± std")
     parser.add_argument("--epochs", type=int, default=10, help="training epochs of models that set none")
+    parser.add_argument(
+        "--steps",
+        type=int | None,
+        default=None,
+        help="optimiser steps of trained models that set neither epochs nor steps (instead of --epochs)",
+    )
     parser.add_argument("--backbone", type=str, default="tf_efficientnet_lite0", help="every model's backbone")
     parser.add_argument("--weights", type=str | None, default=None, help="backbone weights file for every model")
     parser.add_argument("--image_size", type=int, default=256, help="square input size of every model")
@@ -114,6 +123,16 @@ class ModelSpec:
     init_args: dict[str, Any] = field(default_factory=dict)
     start_from: str | None = None
     train_anomalies: dict[str, Any] | None = None
+    # Optimiser steps instead of epochs (trained models only; PaDiM and PatchCore fix their single pass).
+    steps: int | None = None
+
+    def identity(self) -> dict[str, Any]:
+        """What a job's fingerprint records of the model: ``steps`` only when set, so that benchmarks run before
+        step budgets existed keep their fingerprints (and ``--resume`` keeps their finished jobs)."""
+        fields = asdict(self)
+        if fields["steps"] is None:
+            del fields["steps"]
+        return fields
 
 
 @dataclass(frozen=True)
@@ -204,9 +223,9 @@ def plan(settings: Namespace) -> list[Job]:
         raise ValueError(msg)
     taken = sorted(set(settings.trainer) & set(BENCHMARK_TRAINER_ARGUMENTS))
     if taken:
-        msg = f"trainer: {taken} are set by the benchmark (epochs per model: 'epochs'); remove them."
+        msg = f"trainer: {taken} are set by the benchmark (per model: 'epochs' or 'steps'); remove them."
         raise ValueError(msg)
-    models = _model_specs(settings.models, settings.epochs)
+    models = _model_specs(settings.models, settings.epochs, settings.steps)
     if settings.move_from_test < 0:
         msg = f"move_from_test must be a number of images >= 0, got {settings.move_from_test}."
         raise ValueError(msg)
@@ -237,7 +256,7 @@ def plan(settings: Namespace) -> list[Job]:
             fingerprints: dict[str, str] = {}
             for model in models:
                 parent = job_key(data.label, model.start_from, seed) if model.start_from else None
-                content = {"model": asdict(model), "data": data.entry, "seed": seed, "shared": shared}
+                content = {"model": model.identity(), "data": data.entry, "seed": seed, "shared": shared}
                 content["parent"] = fingerprints.get(model.start_from or "")
                 fingerprint = hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
                 fingerprints[model.label] = fingerprint[:16]
@@ -245,7 +264,9 @@ def plan(settings: Namespace) -> list[Job]:
     return jobs
 
 
-def _model_specs(entries: Sequence[str | dict[str, Any]], default_epochs: int) -> list[ModelSpec]:
+def _model_specs(
+    entries: Sequence[str | dict[str, Any]], default_epochs: int, default_steps: int | None = None
+) -> list[ModelSpec]:
     specs: list[ModelSpec] = []
     for index, entry in enumerate(entries):
         where = f"models[{index}]"
@@ -263,13 +284,19 @@ def _model_specs(entries: Sequence[str | dict[str, Any]], default_epochs: int) -
         except ValueError as error:
             raise ValueError(f"{where}: {error}") from None
         epochs = default_epochs if entry.get("epochs") is None else entry["epochs"]
-        if not isinstance(epochs, int) or epochs < 1:
-            msg = f"{where}: epochs must be a positive integer, got {epochs!r}."
+        steps = entry.get("steps", None if entry.get("epochs") is not None else default_steps)
+        for what, value in (("epochs", epochs), ("steps", steps)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                msg = f"{where}: {what} must be a positive integer, got {value!r}."
+                raise ValueError(msg)
+        if entry.get("epochs") is not None and entry.get("steps") is not None:
+            msg = f"{where}: set epochs or steps, not both (steps: optimiser steps whatever the data set's size)."
             raise ValueError(msg)
         spec = ModelSpec(
             key=key,
             label=str(entry.get("label") or DISPLAY_NAMES[key]),
             epochs=epochs,
+            steps=steps,
             init_args=dict(entry.get("init_args") or {}),
             start_from=entry.get("start_from"),
             train_anomalies=entry.get("train_anomalies"),

@@ -16,7 +16,19 @@ from adtr_anomalib.benchmark.models import METRICS
 
 COSTS = ("fit_s", "test_s", "throughput_img_s", "peak_RSS_MB", "params_M", "checkpoint_MB")
 NUMERIC = (*METRICS, *COSTS)
-ROW_COLUMNS = ("dataset", "model", "seed", "status", "epochs", *NUMERIC, "error")
+ROW_COLUMNS = ("dataset", "model", "seed", "status", "epochs", "steps", *NUMERIC, "error")
+
+
+def seed_spread(values: Sequence[float]) -> float:
+    """The spread of one metric over seeds in every table: the sample standard deviation (``ddof=1``), NaN for one.
+
+    Args:
+        values: The metric of each seed.
+
+    Returns:
+        The sample standard deviation.
+    """
+    return float(pd.Series(values, dtype="float64").std(ddof=1)) if len(values) > 1 else math.nan
 
 
 def unused_path(folder: Path, name: str) -> Path:
@@ -133,16 +145,19 @@ def summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for (dataset, model), group in frame.groupby(["dataset", "model"], sort=False):
         ok = group[group["status"] == "ok"]
         numbers = ok[list(NUMERIC)]
+        # Benchmarks from before step budgets have no steps column.
+        steps = pd.to_numeric((ok if len(ok) else group).get("steps", pd.Series([math.nan])), errors="coerce").iloc[0]
         summary: dict[str, Any] = {
             "dataset": dataset,
             "model": model,
             "seeds": ", ".join(str(seed) for seed in ok["seed"]) or "none",
             "failed_seeds": ", ".join(str(seed) for seed in group.loc[group["status"] != "ok", "seed"]),
             "epochs": (ok if len(ok) else group)["epochs"].iloc[0],
+            "steps": math.nan if pd.isna(steps) else int(steps),
         }
         for column in NUMERIC:
             summary[column] = float(numbers[column].mean()) if len(ok) else math.nan
-            summary[f"{column}_std"] = float(numbers[column].std(ddof=1)) if len(ok) > 1 else math.nan
+            summary[f"{column}_std"] = seed_spread(numbers[column].tolist())
         summaries.append(summary)
     return summaries
 
@@ -164,6 +179,7 @@ def summary_table(summaries: Sequence[dict[str, Any]]) -> str:
             "model": summary["model"],
             "seeds": seeds,
             "epochs": summary["epochs"],
+            "steps": summary["steps"],
         }
         for column in NUMERIC:
             std = summary[f"{column}_std"]

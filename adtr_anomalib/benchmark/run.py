@@ -39,6 +39,7 @@ from adtr_anomalib.benchmark.report import (
     write_csv,
 )
 from adtr_anomalib.data import subsample_splits
+from adtr_anomalib.models.training import step_budget
 
 RESULTS_LOG = "jobs.jsonl"
 
@@ -117,8 +118,10 @@ class _EpochProgress(Callback):
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         del pl_module
-        if (trainer.max_epochs or 1) > 1:
-            elapsed = _clock(time.perf_counter() - self.began)
+        elapsed = _clock(time.perf_counter() - self.began)
+        if trainer.max_steps > 0:
+            self.say(f"step {trainer.global_step}/{trainer.max_steps} ({elapsed})")
+        elif (trainer.max_epochs or 1) > 1:
             self.say(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} ({elapsed})")
 
 
@@ -133,7 +136,7 @@ def run_benchmark(settings: Namespace, config: str) -> int:
     ``config`` (the settings as YAML) is saved next to the results, so a run can be repeated exactly.
     """
     jobs = plan(settings)
-    heap_setting_for(job.model.key for job in jobs)  # spec section 5
+    heap_setting_for(job.model.key for job in jobs)  # PatchCore fragments the heap on small machines
     log = ResultLog(settings.output, settings.resume)
     unused_path(settings.output, "config.yaml").write_text(config, encoding="utf-8")
     if settings.threads:
@@ -198,6 +201,16 @@ def _outcome(record: dict[str, Any]) -> str:
     return f"done in {_clock(record['job_s'])}: {metrics}"
 
 
+def _training_length(model: Any, spec: Any) -> dict[str, Any]:
+    """Trainer arguments for how long ``model`` trains: its own fixed pass (PaDiM, PatchCore), else the spec's
+    optimiser steps or epochs. Validation only feeds the post-processor's statistics: once, after training."""
+    fixed = model.trainer_arguments.get("max_epochs")
+    if fixed is None and spec.steps is not None:
+        return step_budget(spec.steps)
+    epochs = int(fixed or spec.epochs)
+    return {"max_epochs": epochs, "check_val_every_n_epoch": epochs}
+
+
 def run_job(job: Job, settings: Namespace, start_checkpoint: str | None, callback: Callback) -> dict[str, Any]:
     """Fit and test one model on one dataset with one seed; return its metrics, timings and costs."""
     seed_everything(job.seed, workers=True)
@@ -214,12 +227,8 @@ def run_job(job: Job, settings: Namespace, start_checkpoint: str | None, callbac
     model = build_model(job.model.key, settings.backbone, settings.image_size, settings.weights, **options)
     if start_checkpoint is not None and job.model.key == "adtr":  # trained further, fresh optimiser and schedule
         model.load_network_weights(start_checkpoint, argument="start_from")
-    # PaDiM and PatchCore fix their single pass themselves; the configured epochs are for trained models.
-    epochs = int(model.trainer_arguments.get("max_epochs", job.model.epochs))
     engine = Engine(
-        max_epochs=epochs,
-        # Validation only feeds the post-processor's normalisation statistics: once, after the last epoch.
-        check_val_every_n_epoch=epochs,
+        **_training_length(model, job.model),
         default_root_dir=settings.output / "jobs" / re.sub(r"[^\w.-]+", "_", job.key),
         logger=False,
         deterministic="warn",
@@ -236,7 +245,8 @@ def run_job(job: Job, settings: Namespace, start_checkpoint: str | None, callbac
     weights = io.BytesIO()
     torch.save(model.state_dict(), weights)
     return {
-        "epochs": epochs,
+        "epochs": engine.trainer.current_epoch,
+        "steps": engine.trainer.global_step,
         **{key: float(metrics.get(key, math.nan)) for key in METRICS},
         "fit_s": fit_seconds,
         "test_s": test_seconds,

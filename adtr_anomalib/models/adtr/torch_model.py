@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Literal, get_args
@@ -604,21 +605,11 @@ class ADTRModel(nn.Module):
         Raises:
             ValueError: If ``features`` yields no images.
         """
-        total = torch.zeros((), dtype=torch.float64)
-        first = torch.zeros(self.num_channels, dtype=torch.float64)
-        second = torch.zeros(self.num_channels, dtype=torch.float64)
-        for batch in features:
-            values = batch.to(self.feature_mean.device).double()
-            total += values.shape[0] * values.shape[2] * values.shape[3]
-            first += values.sum(dim=(0, 2, 3)).cpu()
-            second += values.pow(2).sum(dim=(0, 2, 3)).cpu()
-        if reduce is not None:
-            total, first, second = (reduce(value) for value in (total, first, second))
-        if total == 0:
+        batches = (batch.to(self.feature_mean.device) for batch in features)
+        count, mean, std = moments(batches, dims=(0, 2, 3), reduce=reduce)
+        if count == 0:
             msg = "fit_feature_statistics got no images: the training set is empty."
             raise ValueError(msg)
-        mean = first / total
-        std = (second / total - mean.pow(2)).clamp_min(0).sqrt()
         # A channel that never varies (e.g. a ReLU that is always off) keeps its scale instead of exploding.
         std = torch.where(std > 1e-6, std, torch.ones_like(std))
         self.feature_mean.copy_(mean.float())
@@ -729,22 +720,47 @@ def per_pixel_statistics(
     Raises:
         ValueError: If there are fewer than 2 images in all.
     """
-    count, first, second = torch.zeros((), dtype=torch.float64), 0.0, 0.0
-    for batch in maps:
-        batch = batch.double()
-        count += batch.shape[0]
-        first = first + batch.sum(dim=0)
-        second = second + batch.pow(2).sum(dim=0)
-    if reduce is not None:
-        count, first, second = (reduce(value) for value in (count, first, second))
-    count = int(count)
+    count, mean, std = moments(maps, dims=(0,), reduce=reduce)
     if count < 2:
         msg = f"map statistics need at least 2 normal training images for a standard deviation, got {count}."
         raise ValueError(msg)
-    mean = first / count
-    std = (second / count - mean.pow(2)).clamp_min(0).sqrt()
     std = std.clamp_min(1e-3 * float(std.mean()) + 1e-12)
     return mean.float(), std.float()
+
+
+@torch.no_grad()
+def moments(
+    batches: Iterable[torch.Tensor], dims: tuple[int, ...], reduce: SumReduce | None = None
+) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Count, mean and standard deviation of batches over ``dims`` (the statistics of features and of maps).
+
+    Sums of values and squares in float64, so the result does not depend on batching; ``reduce`` sums them over
+    processes, where each has seen its own shard.
+
+    Args:
+        batches: Tensors of one shape but for the sizes along ``dims``.
+        dims: The dimensions summed over (images and, for per-channel statistics, positions).
+        reduce: Sums a tensor over processes; ``None`` in a single process.
+
+    Returns:
+        The number of values summed per entry (0 for no batches), the mean and the population standard deviation,
+        float64, of the shape without ``dims`` (empty tensors for no batches).
+    """
+    count = torch.zeros((), dtype=torch.float64)
+    first: torch.Tensor | float = 0.0
+    second: torch.Tensor | float = 0.0
+    for batch in batches:
+        values = batch.double()
+        count += math.prod(values.shape[d] for d in dims)
+        first = first + values.sum(dim=dims)
+        second = second + values.pow(2).sum(dim=dims)
+    if not isinstance(first, torch.Tensor):
+        return 0, torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.float64)
+    if reduce is not None:
+        count, first, second = (reduce(value) for value in (count, first, second))
+    mean = first / count.to(first.device)
+    std = (second / count.to(first.device) - mean.pow(2)).clamp_min(0).sqrt()
+    return int(count), mean, std
 
 
 def _validate(

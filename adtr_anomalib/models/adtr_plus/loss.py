@@ -1,4 +1,4 @@
-"""ADTR+ losses: learn from labelled anomalies (spec §3).
+"""ADTR+ losses: learn from labelled anomalies.
 
 With ``d = f - f_hat`` the difference between the backbone features and their reconstruction:
 
