@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DATA ?=
 
-.PHONY: demo test lint format clean-venv
+.PHONY: demo test test-fast lint format clean-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: $(STAMP)
 ## test: lint, run the test suite and execute every notebook (offline)
 test: $(STAMP) lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest tests --nbmake notebooks --nbmake-timeout=900 --durations=25
+
+## test-fast: the unit tests without the slow end-to-end ones (export, several processes, wheels) or notebooks
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,4 +1,5 @@
-"""``adtr-anomalib`` command line: the demo (train ADTR on a real sample and show the results) and the benchmark.
+"""``adtr-anomalib`` command line: the demo (train ADTR on a real sample and show the results), real data sets and
+the benchmark.
 
 Training, testing and export of ADTR itself go through anomalib's own CLI (``anomalib train --model ADTR``);
 this command only adds what that CLI lacks: a zero-setup run on a built-in dataset, and a model comparison
@@ -53,6 +54,18 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--backbone", default="tf_efficientnet_lite0", help="timm backbone (default %(default)s)")
     demo.add_argument("--output", type=Path, default=Path("results"), help="results root (default %(default)s)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    data = sub.add_parser(
+        "data", help="download and build a real defect data set (adtr-anomalib data bsdata --root DIR)"
+    )
+    sets = data.add_subparsers(dest="dataset", required=True)
+    bsdata = sets.add_parser(
+        "bsdata",
+        help="BSData ball-screw pitting in MVTec-AD layout (550 train, 138 good + 167 pitting test images)",
+        description="Download the public BSData release (about 100 MB) and build the pitting subset in MVTec-AD "
+        "layout; docs/data.md says what is selected and how.",
+    )
+    bsdata.add_argument("--root", type=Path, required=True, help="folder to create (never overwritten)")
+    bsdata.add_argument("--source", type=Path, help="an unpacked BSData release (git clone) instead of downloading")
     sub.add_parser(
         "benchmark",
         add_help=False,
@@ -142,6 +155,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return benchmark(argv[1:])
     args = _parser().parse_args(argv)
+    if args.command == "data":
+        from adtr_anomalib.data.bsdata import prepare_bsdata
+        from adtr_anomalib.data.validation import DataError
+
+        try:
+            root = prepare_bsdata(args.root, source=args.source)
+        except (DataError, FileExistsError, OSError) as err:
+            print(f"adtr-anomalib data bsdata: {err}", file=sys.stderr)
+            return 2
+        print(f"BSData pitting ready in {root}")
     if args.command == "demo":
         if args.data is not None and not args.data.is_dir():
             print(f"adtr-anomalib demo: data folder '{args.data}' does not exist.", file=sys.stderr)

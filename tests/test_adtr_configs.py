@@ -9,6 +9,7 @@ from anomalib.cli import AnomalibCLI
 from anomalib.data.utils import ValSplitMode
 
 from adtr_anomalib import ADTR
+from adtr_anomalib.data import BSData
 from adtr_anomalib.models.training import DEFAULT_RECIPE, DEFAULT_STEPS, step_budget
 from adtr_anomalib.post_processing import RankPreservingPostProcessor
 
@@ -44,5 +45,6 @@ def test_recommended_offline_config_uses_the_default_recipe_steps_and_held_out_v
     assert model.hparams.dropout == 0.0
     assert isinstance(model.post_processor, RankPreservingPostProcessor)
     assert data.val_split_mode == ValSplitMode.SYNTHETIC  # thresholds never from the test images
+    assert isinstance(data, BSData)  # a data set a user can get: downloaded and built on first use
     budget = step_budget(DEFAULT_STEPS)  # optimiser steps, one validation at the end
     assert {key: init["trainer"][key] for key in budget} == budget

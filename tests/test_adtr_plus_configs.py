@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 from anomalib.cli import AnomalibCLI
-from anomalib.data import Folder, MVTecAD
+from anomalib.data import MVTecAD
 from anomalib.data.utils.generators import PerlinAnomalyGenerator
 
 from adtr_anomalib import ADTRPlus
-from adtr_anomalib.data import ConfettiNoise, FolderWithAnomalies, WithAnomalies, make_texture_dataset
+from adtr_anomalib.data import BSData, ConfettiNoise, FolderWithAnomalies, WithAnomalies, make_texture_dataset
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -20,8 +20,8 @@ EXPECTED = {
     "mvtec_confetti.yaml": (MVTecAD, 0, [ConfettiNoise], "pixel"),
     "mvtec_labelled.yaml": (MVTecAD, 5, [], "pixel"),
     "mvtec_image_labels.yaml": (MVTecAD, 5, [], "image"),
-    "folder_confetti.yaml": (Folder, 0, [ConfettiNoise, PerlinAnomalyGenerator], "pixel"),
-    "folder_labelled.yaml": (Folder, 10, [], "pixel"),
+    "folder_confetti.yaml": (BSData, 0, [ConfettiNoise, PerlinAnomalyGenerator], "pixel"),
+    "folder_labelled.yaml": (BSData, 10, [], "pixel"),
     "folder_train_anomalies.yaml": (FolderWithAnomalies, None, None, "pixel"),
     "folder_image_labels.yaml": (FolderWithAnomalies, None, None, "auto"),
 }

@@ -128,6 +128,7 @@ def test_thresholds_come_from_held_back_training_images_not_the_test_images(tiny
     assert not test & set(datamodule.val_data.samples["image_path"])
 
 
+@pytest.mark.slow
 def test_glibc_takes_patchcores_heap_setting_in_the_running_process() -> None:
     # In a child process: mallopt cannot give a process back glibc's dynamic default, and the tests train after this.
     code = (

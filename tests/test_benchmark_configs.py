@@ -15,6 +15,7 @@ from anomalib.data.datasets.image.visa import CATEGORIES as VISA_CATEGORIES
 from anomalib.pipelines import Benchmark
 
 from adtr_anomalib.benchmark.plan import parser, plan
+from adtr_anomalib.models.training import DEFAULT_STEPS
 from tests.conftest import REPO
 
 CONFIGS = REPO / "configs" / "benchmark"
@@ -83,6 +84,7 @@ def test_missing_folder_and_bad_datamodule_arguments_are_refused(tmp_path) -> No
         _plan("--data", "[{class_path: MVTecAD, init_args: {categroy: bottle}}]")
 
 
+@pytest.mark.slow
 def test_anomalib_benchmark_config_runs_adtr_next_to_padim_and_patchcore(tiny_textures_root, tmp_path, monkeypatch):
     config = yaml.safe_load((CONFIGS / "anomalib_mvtec.yaml").read_text())
     entries = config["benchmark"]["model"]["grid"]
@@ -169,7 +171,8 @@ def test_moving_test_images_changes_every_jobs_fingerprint_so_resume_runs_them_a
 
 
 def test_steps_replace_epochs_for_models_that_set_neither_and_change_only_their_fingerprints() -> None:
-    without = _plan("--models", "[adtr, padim]")
+    assert [job.model.steps for job in _plan("--models", "[adtr, padim]")] == [DEFAULT_STEPS, None]
+    without = _plan("--models", "[adtr, padim]", "--epochs", "10")
     assert [job.model.steps for job in without] == [None, None]
     assert "steps" not in without[0].model.identity()  # benchmarks from before step budgets keep their fingerprints
     stepped = _plan("--models", "[adtr, {name: padim, epochs: 1}]", "--steps", "200")
@@ -178,6 +181,20 @@ def test_steps_replace_epochs_for_models_that_set_neither_and_change_only_their_
     assert (
         stepped[1].fingerprint != without[1].fingerprint or stepped[1].model.identity() == without[1].model.identity()
     )
+
+
+def test_global_epochs_or_steps_set_the_default_models_length() -> None:
+    """Without options ADTR trains the recommended step budget; --epochs or --steps replace it."""
+    assert [(job.model.label, job.model.steps) for job in _plan()] == [
+        ("ADTR", DEFAULT_STEPS),
+        ("PaDiM", None),
+        ("PatchCore", None),
+    ]
+    adtr = _plan("--epochs", "3")[0].model
+    assert (adtr.epochs, adtr.steps) == (3, None)
+    assert _plan("--steps", "40")[0].model.steps == 40
+    with pytest.raises(ValueError, match="--epochs or --steps, not both"):
+        _plan("--epochs", "3", "--steps", "40")
 
 
 @pytest.mark.parametrize(

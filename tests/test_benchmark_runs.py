@@ -48,6 +48,7 @@ def _csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
+@pytest.mark.slow
 def test_two_models_two_seeds_table_resume_and_plot(tiny_textures_root, tmp_path, jobs_run, capsys) -> None:
     out = tmp_path / "bench"
     assert cli(_argv(tiny_textures_root, out, [TINY_ADTR, "padim"], [0])) == 0

@@ -12,6 +12,9 @@ import pytest
 
 from tests.conftest import REPO
 
+# Two training processes: minutes.
+pytestmark = pytest.mark.slow
+
 # One process against two, same global batch and seed. ADTR sees the same images per step either way, so its
 # metrics agree closely; ADTR+ draws its confetti anomalies from each process's own random stream, so it
 # differs as much as two seeds of one process do (measured: image AUROC 0.833 / 0.792 for seeds 0 / 1,

@@ -39,6 +39,9 @@ from adtr_anomalib.data import ConfettiNoise, WithAnomalies, mvtec_layout_folder
 from adtr_anomalib.deploy import PARITY_TOLERANCES, openvino_config
 from tests.helpers import small_adtr
 
+# Trains through anomalib's CLI and exports to ONNX and OpenVINO: minutes.
+pytestmark = pytest.mark.slow
+
 SIZE = 64
 FP32_TOL, REDUCED_TOL, PTQ_TOL = (PARITY_TOLERANCES[key] for key in ("fp32", "reduced", "int8_ptq"))
 OUTPUTS = ("pred_score", "anomaly_map")

@@ -23,6 +23,9 @@ from benchmarks.identity_shortcut import TokenSet, attention, identity_distance,
 from benchmarks.identity_shortcut import token_set as make_token_set
 from benchmarks.identity_shortcut import train as train_model
 
+# Trains two reconstructors to a separation: about a minute.
+pytestmark = pytest.mark.slow
+
 STEPS = 200
 # Learning rates of the experiment's sweep (lowest training loss on normal images, benchmarks/identity_shortcut.py).
 LR = {"linear": 1e-2, "attention": 3e-3}

@@ -172,6 +172,7 @@ def test_adtr_plus_fits_them_on_its_normal_training_images_only(tmp_path: Path) 
     torch.testing.assert_close(plus.model.map_std, normal_only.map_std)
 
 
+@pytest.mark.slow
 def test_the_statistics_travel_with_an_onnx_export(tmp_path: Path) -> None:
     root = make_folder(tmp_path / "part", n_train=4)
     model = tiny_adtr(pre_trained=False, normalize_map=True)

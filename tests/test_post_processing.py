@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from anomalib.data import InferenceBatch
 from anomalib.post_processing import PostProcessor
@@ -59,3 +60,53 @@ def test_scores_pass_unchanged_before_validation() -> None:
     scores = torch.tensor([0.3, 7.0])
     result = RankPreservingPostProcessor()(InferenceBatch(pred_score=scores, anomaly_map=scores[:, None, None]))
     assert torch.equal(result.pred_score, scores)
+
+
+def _validate(post_processor: PostProcessor, anomaly: float = 5.0) -> PostProcessor:
+    """One validation pass: 8 normal images (maps uniform in [0, 1]) and 8 synthetic anomalies, whose masked
+    square reads ``anomaly`` and whose background reads like a normal image."""
+    from anomalib.data import ImageBatch
+
+    generator = torch.Generator().manual_seed(0)
+    maps = torch.rand(16, 1, 32, 32, generator=generator)
+    masks = torch.zeros(16, 32, 32, dtype=torch.bool)
+    masks[8:, 8:16, 8:16] = True
+    maps[:, 0][masks] = anomaly
+    labels = torch.cat([torch.zeros(8), torch.ones(8)]).long()
+    batch = ImageBatch(
+        image=torch.zeros(16, 3, 32, 32),
+        gt_label=labels,
+        gt_mask=masks,
+        anomaly_map=maps,
+        pred_score=maps.flatten(1).amax(1),
+    )
+    post_processor.on_validation_batch_end(None, None, batch)
+    post_processor.on_validation_epoch_end(None, None)
+    return post_processor
+
+
+def test_pixel_threshold_from_normal_images_bounds_the_area_outlined_on_them() -> None:
+    """With pixel_normal_quantile, the pixel threshold is that quantile of the normal images' maps (about 0.1% of a
+    good image's pixels lie above 0.999), whatever the validation anomalies look like; anomalib's F1 threshold (the
+    control) follows the anomalies."""
+    for anomaly in (5.0, 0.9):
+        threshold = _validate(RankPreservingPostProcessor(pixel_normal_quantile=0.999), anomaly).pixel_threshold
+        assert float(threshold) == pytest.approx(0.999, abs=0.002)  # uniform normal maps: the quantile is q itself
+    strong, weak = (float(_validate(RankPreservingPostProcessor(), anomaly).pixel_threshold) for anomaly in (5.0, 0.9))
+    assert strong == pytest.approx(5.0)
+    assert weak < 0.95  # inside the normal range: it outlines part of every good image
+    # The image threshold stays anomalib's F1 on the image scores.
+    torch.testing.assert_close(
+        _validate(RankPreservingPostProcessor(pixel_normal_quantile=0.999)).image_threshold,
+        _validate(RankPreservingPostProcessor()).image_threshold,
+    )
+
+
+def test_pixel_normal_quantile_is_checked_and_kept_in_checkpoints() -> None:
+    with pytest.raises(ValueError, match="pixel_normal_quantile must lie strictly between 0 and 1"):
+        RankPreservingPostProcessor(pixel_normal_quantile=99.9)
+    config = RankPreservingPostProcessor(pixel_normal_quantile=0.999).checkpoint_config()
+    assert config["pixel_normal_quantile"] == 0.999
+    restored = RankPreservingPostProcessor()
+    restored.load_checkpoint_config(config)
+    assert float(_validate(restored).pixel_threshold) == pytest.approx(0.999, abs=0.002)

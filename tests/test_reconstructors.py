@@ -273,6 +273,7 @@ def test_the_attention_bias_reaches_every_attention_layer(kind: str, monkeypatch
         torch.testing.assert_close(bias, attention_bias((4, 8), 3, 1.0))
 
 
+@pytest.mark.slow
 def test_a_biased_model_exports_to_onnx_with_the_same_maps(tmp_path: Path) -> None:
     root = make_folder(tmp_path / "part", n_train=4)
     model = tiny_adtr(pre_trained=False, neighbor_mask=3, attention_locality=1.0)

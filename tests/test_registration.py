@@ -73,6 +73,7 @@ def test_wheel_holds_the_startup_hook(wheel: Path) -> None:
     assert "adtr_anomalib/models/adtr/lightning_model.py" in names
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_arg", ["ADTR", "adtr_anomalib.ADTR"])
 def test_anomalib_cli_resolves_the_model(venv: Path, model_arg: str) -> None:
     cmd = [str(venv / "bin" / "anomalib"), "train", "--model", model_arg, "--model.backbone", "tf_efficientnet_lite0"]
@@ -82,6 +83,7 @@ def test_anomalib_cli_resolves_the_model(venv: Path, model_arg: str) -> None:
     assert "backbone: tf_efficientnet_lite0" in result.stdout
 
 
+@pytest.mark.slow
 def test_python_lookups_find_the_model_without_user_imports(venv: Path) -> None:
     code = (
         "import anomalib.models as m, adtr_anomalib\n"
@@ -117,6 +119,7 @@ def test_broken_anomalib_keeps_its_own_error(wheel: Path, tmp_path: Path) -> Non
     assert "anomalib is broken here" in result.stderr
 
 
+@pytest.mark.slow
 def test_autoload_can_be_switched_off(venv: Path) -> None:
     code = "import anomalib.models as m, sys; print(hasattr(m, 'ADTR'), 'adtr_anomalib' in sys.modules)"
     result = _run([str(venv / "bin" / "python"), "-c", code], {"ADTR_ANOMALIB_NO_AUTOLOAD": "1"})

@@ -155,6 +155,7 @@ def peak_memory() -> Iterator[PeakMemory]:
     On Linux the kernel's high-water mark (``VmHWM``) is reset when the block starts, so the peak covers the block
     only and misses no short spike (a sampling thread would). Elsewhere it is the peak since the process started.
     """
+    # /proc rather than psutil: only the kernel's files reset the high-water mark, and psutil reports no peak.
     with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
     memory = PeakMemory(before_mb=_resident_mb())

@@ -44,8 +44,12 @@ BENCHMARK_TRAINER_ARGUMENTS = (
     "enable_model_summary",
     "callbacks",
 )
+# Models trained by gradient steps; the others fit in one pass over the training images.
+TRAINED = ("adtr", "adtr_plus")
+# The epochs recorded for a model that sets none (the fingerprints of earlier results hold it).
+LEGACY_EPOCHS = 10
 DEFAULT_MODELS: list[str | dict[str, Any]] = [
-    {"name": "adtr", "steps": DEFAULT_STEPS, "init_args": {"recipe": DEFAULT_RECIPE}},
+    {"name": "adtr", "init_args": {"recipe": DEFAULT_RECIPE}},
     "padim",
     "patchcore",
 ]
@@ -79,12 +83,18 @@ def parser() -> ArgumentParser:
         "{class_path, init_args} ({grid: [...]} values make one dataset each)",
     )
     parser.add_argument("--seeds", type=list[int], default=[0], help="one job per seed; several give mean ± std")
-    parser.add_argument("--epochs", type=int, default=10, help="training epochs of models that set none")
+    parser.add_argument(
+        "--epochs",
+        type=int | None,
+        default=None,
+        help="training epochs of models that set neither epochs nor steps",
+    )
     parser.add_argument(
         "--steps",
         type=int | None,
         default=None,
-        help="optimiser steps of trained models that set neither epochs nor steps (instead of --epochs)",
+        help=f"optimiser steps of models that set neither epochs nor steps (instead of --epochs); without either, "
+        f"ADTR and ADTR+ train {DEFAULT_STEPS} steps",
     )
     parser.add_argument("--backbone", type=str, default="tf_efficientnet_lite0", help="every model's backbone")
     parser.add_argument("--weights", type=str | None, default=None, help="backbone weights file for every model")
@@ -225,6 +235,9 @@ def plan(settings: Namespace) -> list[Job]:
     if taken:
         msg = f"trainer: {taken} are set by the benchmark (per model: 'epochs' or 'steps'); remove them."
         raise ValueError(msg)
+    if settings.epochs is not None and settings.steps is not None:
+        msg = "give --epochs or --steps, not both."
+        raise ValueError(msg)
     models = _model_specs(settings.models, settings.epochs, settings.steps)
     if settings.move_from_test < 0:
         msg = f"move_from_test must be a number of images >= 0, got {settings.move_from_test}."
@@ -265,8 +278,10 @@ def plan(settings: Namespace) -> list[Job]:
 
 
 def _model_specs(
-    entries: Sequence[str | dict[str, Any]], default_epochs: int, default_steps: int | None = None
+    entries: Sequence[str | dict[str, Any]], default_epochs: int | None = None, default_steps: int | None = None
 ) -> list[ModelSpec]:
+    """The models' specs; an entry's own length wins, then ``--steps``, then ``--epochs``, and without any the trained
+    models get the recommended step budget (PaDiM and PatchCore record 10 epochs: they fit in one pass anyway)."""
     specs: list[ModelSpec] = []
     for index, entry in enumerate(entries):
         where = f"models[{index}]"
@@ -283,8 +298,10 @@ def _model_specs(
             check_model_options(str(entry["name"]), dict(entry.get("init_args") or {}))
         except ValueError as error:
             raise ValueError(f"{where}: {error}") from None
-        epochs = default_epochs if entry.get("epochs") is None else entry["epochs"]
         steps = entry.get("steps", None if entry.get("epochs") is not None else default_steps)
+        if steps is None and entry.get("epochs") is None and default_epochs is None and key in TRAINED:
+            steps = DEFAULT_STEPS
+        epochs = entry["epochs"] if entry.get("epochs") is not None else (default_epochs or LEGACY_EPOCHS)
         for what, value in (("epochs", epochs), ("steps", steps)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 msg = f"{where}: {what} must be a positive integer, got {value!r}."

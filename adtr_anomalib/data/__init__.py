@@ -2,6 +2,7 @@
 
 * a small built-in texture anomaly dataset in MVTec-AD layout (:func:`make_texture_dataset`);
 * a ``Folder`` datamodule for any MVTec-layout folder (:func:`mvtec_layout_folder`);
+* BSData ball-screw pitting, downloaded and built like anomalib's own data sets (:class:`BSData`);
 * anomalies in the training set for ADTR+: :class:`FolderWithAnomalies`, :class:`WithAnomalies`,
   :func:`move_test_anomalies_to_train`;
 * on-the-fly synthetic anomalies: :class:`ConfettiNoise`, :class:`AnomalyInjectionDataset`;
@@ -17,6 +18,7 @@ from adtr_anomalib.data.anomalies import (
     add_training_anomalies,
     move_test_anomalies_to_train,
 )
+from adtr_anomalib.data.bsdata import BSData
 from adtr_anomalib.data.folder import HELD_OUT_VALIDATION, mvtec_layout_folder
 from adtr_anomalib.data.subset import subsample_splits
 from adtr_anomalib.data.synthetic import AnomalyInjectionDataset, ConfettiNoise
@@ -28,6 +30,7 @@ __all__ = [
     "HELD_OUT_VALIDATION",
     "TEXTURE_CATEGORIES",
     "AnomalyInjectionDataset",
+    "BSData",
     "ConfettiNoise",
     "DataError",
     "FolderWithAnomalies",

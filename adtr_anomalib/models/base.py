@@ -355,6 +355,9 @@ class ADTRLightningMixin:
 
     def reconstruct_for_training(self, features: torch.Tensor) -> torch.Tensor:
         """Transformer reconstruction under bf16 autocast when enabled; returned in fp32 for the loss."""
+        # Autocast here rather than Lightning's precision="bf16-mixed": that is a Trainer setting over the whole step
+        # (frozen backbone and validation maps too), so a model argument could not turn it on only for the
+        # transformer, and only where the hardware computes bf16 natively.
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self._bf16_enabled()):
             reconstruction = self.model.reconstruct(features)
         return reconstruction.float()

@@ -163,6 +163,10 @@ def lr_scheduler(
         progress = min((step - warmup_steps) / decay_steps, 1.0)
         return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
+    # One closed-form factor rather than SequentialLR(LinearLR, CosineAnnealingLR | MultiStepLR): the step milestone
+    # is 80% of the whole run, warmup included, and the warmup is capped at half the run, which chained schedulers
+    # express only through offsets that shift with the warmup; timm's schedulers would need Lightning's manual
+    # lr_scheduler_step hook.
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
