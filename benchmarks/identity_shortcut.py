@@ -33,7 +33,8 @@ from torchvision.io import ImageReadMode, decode_image
 
 from adtr_anomalib.benchmark.measure import provenance
 from adtr_anomalib.data import make_texture_dataset
-from adtr_anomalib.models.adtr.torch_model import ADTRModel, ADTRReconstructor
+from adtr_anomalib.models.adtr.components import ADTRReconstructor
+from adtr_anomalib.models.adtr.torch_model import ADTRModel
 
 SIZE = 128
 STRIDE = 8  # 16 x 16 tokens at 128 px

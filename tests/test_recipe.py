@@ -14,7 +14,8 @@ from anomalib.data.utils import ValSplitMode
 from adtr_anomalib import ADTR, ADTRPlus
 from adtr_anomalib.data import mvtec_layout_folder
 from adtr_anomalib.models import base
-from adtr_anomalib.models.adtr.torch_model import FEATURE_STATISTICS, ADTRModel, ADTRReconstructor
+from adtr_anomalib.models.adtr.components import ADTRReconstructor
+from adtr_anomalib.models.adtr.torch_model import FEATURE_STATISTICS, ADTRModel
 from adtr_anomalib.models.training import DEFAULT_RECIPE, DEFAULT_STEPS, RECIPES, lr_scheduler
 from tests.conftest import TINY
 from tests.helpers import make_folder, tiny_adtr, tiny_engine, tiny_torch_model
@@ -148,9 +149,9 @@ def test_fast_stride8_mlp_recipe_is_fast_stride8_without_attention() -> None:
     mlp, attention = _recipe_and_base("fast_stride8_mlp", "fast_stride8")
     assert (mlp.hparams.reconstructor, attention.hparams.reconstructor) == ("mlp", "transformer")
     layers = {type(module).__name__ for module in mlp.model.reconstructor.modules()}
-    assert "_Attention" not in layers
+    assert "Attention" not in layers
     assert not hasattr(mlp.model.reconstructor, "query_embed")
-    assert "_Attention" in {type(module).__name__ for module in attention.model.reconstructor.modules()}
+    assert "Attention" in {type(module).__name__ for module in attention.model.reconstructor.modules()}
 
 
 def test_fast_stride8_local_recipe_is_fast_stride8_with_local_attention() -> None:

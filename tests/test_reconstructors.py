@@ -12,14 +12,9 @@ from torch.nn import functional as F  # noqa: N812
 
 from adtr_anomalib import ADTR, ADTRPlus
 from adtr_anomalib.data import mvtec_layout_folder
-from adtr_anomalib.models.adtr.torch_model import (
-    LOCALITY_BIAS_FLOOR,
-    RECONSTRUCTORS,
-    ADTRModel,
-    ADTRReconstructor,
-    _Attention,
-    attention_bias,
-)
+from adtr_anomalib.models.adtr.components import LOCALITY_BIAS_FLOOR, RECONSTRUCTORS, ADTRReconstructor, attention_bias
+from adtr_anomalib.models.adtr.components.transformer import Attention
+from adtr_anomalib.models.adtr.torch_model import ADTRModel
 from tests.conftest import TINY
 from tests.helpers import make_folder, onnx_outputs, tiny_adtr, tiny_engine
 
@@ -104,7 +99,7 @@ def test_lightning_modules_build_and_restore_the_chosen_reconstructor(module: ty
         other.load_state_dict(first.state_dict())
 
 
-def _one_hot_readout(layer: _Attention) -> _Attention:
+def _one_hot_readout(layer: Attention) -> Attention:
     """Make the values and the output projection of a 16-wide, 2-head layer the identity: with one-hot values, each
     head's output row is then its attention row."""
     with torch.no_grad():
@@ -122,7 +117,7 @@ def _attention_rows(attention_dropout: str, dropout: float, *, training: bool) -
     slice), so every head's output row is its attention row.
     """
     torch.manual_seed(0)
-    layer = _one_hot_readout(_Attention(16, 2, dropout, attention_dropout)).train(training)  # type: ignore[arg-type]
+    layer = _one_hot_readout(Attention(16, 2, dropout, attention_dropout)).train(training)  # type: ignore[arg-type]
     queries = torch.randn(64, 5, 16)
     values = torch.eye(8).repeat(1, 2).expand(64, -1, -1)
     with torch.no_grad():
@@ -160,7 +155,7 @@ def test_key_dropout_trains_the_same_network() -> None:
 
 def test_float32_attention_is_multihead_attention_with_the_same_parameters() -> None:
     torch.manual_seed(0)
-    layer = _Attention(16, 2, 0.0, "keys").train()
+    layer = Attention(16, 2, 0.0, "keys").train()
     query, key, value = (torch.randn(3, n, 16, requires_grad=True) for n in (5, 7, 7))
     mask = torch.zeros(6, 5, 7)
     mask[::2, :, 3] = float("-inf")  # one key masked in every other image-and-head
@@ -183,10 +178,10 @@ def test_cpu_bf16_training_attends_in_float32_unless_weights_are_dropped(
     """Under CPU bf16 autocast the attention runs in float32 (its fused backward is ~3x faster there); the paper's
     per-weight dropout needs PyTorch's own path."""
     torch.manual_seed(0)
-    layer = _Attention(16, 2, dropout, attention_dropout).train()  # type: ignore[arg-type]
+    layer = Attention(16, 2, dropout, attention_dropout).train()  # type: ignore[arg-type]
     calls = []
-    original = _Attention.attend_in_float32
-    monkeypatch.setattr(_Attention, "attend_in_float32", lambda self, *a: calls.append(1) or original(self, *a))
+    original = Attention.attend_in_float32
+    monkeypatch.setattr(Attention, "attend_in_float32", lambda self, *a: calls.append(1) or original(self, *a))
     tokens = torch.randn(2, 6, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(tokens, tokens, tokens)
@@ -235,9 +230,9 @@ def test_the_locality_penalty_saturates_where_float32_stops_seeing_it() -> None:
     assert subnormal_weights(penalty) > 0  # the unsaturated penalty does produce them
 
 
-def _identity_attention(dropout: float) -> _Attention:
+def _identity_attention(dropout: float) -> Attention:
     """A one-hot read-out layer (:func:`_one_hot_readout`) whose queries and keys are zero: its logits are the bias."""
-    layer = _one_hot_readout(_Attention(16, 2, dropout, "keys"))
+    layer = _one_hot_readout(Attention(16, 2, dropout, "keys"))
     with torch.no_grad():
         layer.in_proj_weight[:32] = 0.0
     return layer
@@ -265,8 +260,8 @@ def test_biased_attention_follows_the_bias_and_never_sees_masked_keys() -> None:
 def test_the_attention_bias_reaches_every_attention_layer(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     reconstructor = ADTRReconstructor(24, 32, **TINY, kind=kind, neighbor_mask=3, attention_locality=1.0)  # type: ignore[arg-type]
     seen = []
-    original = _Attention.forward
-    monkeypatch.setattr(_Attention, "forward", lambda self, *a: seen.append(a[3]) or original(self, *a))
+    original = Attention.forward
+    monkeypatch.setattr(Attention, "forward", lambda self, *a: seen.append(a[3]) or original(self, *a))
     reconstructor(torch.randn(2, 24, 4, 8))
     assert len(seen) == 3  # the encoder's self-attention, the decoder's self- and cross-attention
     for bias in seen:

@@ -27,7 +27,8 @@ from torchvision.transforms.v2 import Compose, Normalize, Resize
 from adtr_anomalib.data.validation import check_datamodule_files, check_dataset_files, check_folder_layout
 from adtr_anomalib.visualization import LoggingImageVisualizer
 
-from .adtr.torch_model import FEATURE_STATISTICS, MAP_STATISTICS, ADTRModel, SumReduce
+from .adtr.components import SumReduce
+from .adtr.torch_model import FEATURE_STATISTICS, MAP_STATISTICS, ADTRModel
 from .checkpoints import (
     CHECKPOINT_IO,
     RNG_STATE_KEY,

@@ -24,8 +24,9 @@ from torch import nn
 from adtr_anomalib.models.base import ADTRLightningMixin
 from adtr_anomalib.models.training import LRSchedule, Recipe, check_finite
 
+from .components import AttentionDropout, ReconstructorKind
 from .loss import ADTRLoss, LossReduction
-from .torch_model import DEFAULT_LAYERS, AttentionDropout, ReconstructorKind
+from .torch_model import DEFAULT_LAYERS
 
 __all__ = ["ADTR"]
 
