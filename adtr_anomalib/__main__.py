@@ -16,11 +16,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-# The recommended training length and recipe (adtr_anomalib.models.training.DEFAULT_STEPS and DEFAULT_RECIPE), written
-# out so that `--help` does not import torch (a test checks they agree).
+# The recommended training length and recipe (DEFAULT_STEPS and DEFAULT_RECIPE of
+# adtr_anomalib.models.adtr.components.training), written out so that `--help` does not import torch (a test checks).
 DEMO_STEPS = 500
 DEMO_RECIPE = "fast"
-# The names of adtr_anomalib.models.training.RECIPES, written out so `--help` does not import torch (a test checks).
+# The names of RECIPES in adtr_anomalib.models.adtr.components.training, written out so `--help` does not import
+# torch (a test checks).
 RECIPE_NAMES = ("fast", "fast_stride8", "fast_stride8_local", "fast_stride8_mlp", "paper")
 
 
@@ -96,7 +97,7 @@ def run_demo(
     from adtr_anomalib import ADTR
     from adtr_anomalib.data import HELD_OUT_VALIDATION, default_dataset_root, make_texture_dataset, mvtec_layout_folder
     from adtr_anomalib.metrics import inspection_evaluator
-    from adtr_anomalib.models.training import step_budget
+    from adtr_anomalib.models.adtr.components.training import step_budget
     from adtr_anomalib.post_processing import RankPreservingPostProcessor
 
     if epochs is not None and steps is not None:

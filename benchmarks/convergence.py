@@ -41,10 +41,10 @@ from adtr_anomalib.benchmark import measure
 from adtr_anomalib.benchmark.report import append_csv
 from adtr_anomalib.data import default_dataset_root, make_texture_dataset, mvtec_layout_folder
 from adtr_anomalib.models.adtr.anomaly_map import AnomalyMapGenerator
-from adtr_anomalib.models.adtr.components import ADTRReconstructor, per_pixel_statistics
+from adtr_anomalib.models.adtr.components import DEFAULT_LAYERS, ADTRReconstructor, per_pixel_statistics
+from adtr_anomalib.models.adtr.components.training import RECIPES, lr_scheduler, native_bf16
 from adtr_anomalib.models.adtr.loss import ADTRLoss
-from adtr_anomalib.models.adtr.torch_model import DEFAULT_LAYERS, ADTRModel
-from adtr_anomalib.models.training import RECIPES, lr_scheduler, native_bf16
+from adtr_anomalib.models.adtr.torch_model import ADTRModel
 
 BACKBONE = "tf_efficientnet_lite0"
 SHARED_DATA = Path(os.environ.get("ADTR_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))

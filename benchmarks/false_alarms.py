@@ -35,7 +35,7 @@ from adtr_anomalib.__main__ import DEMO_RECIPE, DEMO_STEPS
 from adtr_anomalib.benchmark.models import build_model
 from adtr_anomalib.benchmark.report import seed_spread
 from adtr_anomalib.data import HELD_OUT_VALIDATION, default_dataset_root, make_texture_dataset, mvtec_layout_folder
-from adtr_anomalib.models.training import step_budget
+from adtr_anomalib.models.adtr.components.training import step_budget
 from adtr_anomalib.plotting import Predictions
 
 BACKBONE = "tf_efficientnet_lite0"

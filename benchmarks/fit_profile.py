@@ -36,7 +36,7 @@ from adtr_anomalib import ADTR
 from adtr_anomalib.benchmark.measure import provenance
 from adtr_anomalib.benchmark.report import append_csv
 from adtr_anomalib.data import HELD_OUT_VALIDATION, mvtec_layout_folder
-from adtr_anomalib.models.training import DEFAULT_RECIPE, step_budget
+from adtr_anomalib.models.adtr.components.training import DEFAULT_RECIPE, step_budget
 from adtr_anomalib.post_processing import RankPreservingPostProcessor
 
 

@@ -63,7 +63,7 @@ CANDIDATES = (
     Arm("fast, 500 steps", "fast", "step", 500),
     Arm("fast_stride8, 500 steps", "fast_s8p2_posz", "step", 500),
 )
-RECOMMENDED = CANDIDATES[0]  # adtr_anomalib.models.training.DEFAULT_RECIPE for DEFAULT_STEPS
+RECOMMENDED = CANDIDATES[0]  # adtr_anomalib.models.adtr.components.training.DEFAULT_RECIPE for DEFAULT_STEPS
 OTHERS = (Arm("fast_stride8_local, 500 steps", "fast_stride8_local1", "step", 500),)
 
 

@@ -31,8 +31,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from adtr_anomalib.benchmark.measure import fastest_interleaved, matmul_peak, provenance, timed
 from adtr_anomalib.benchmark.report import append_csv
 from adtr_anomalib.models.adtr.components import ADTRReconstructor
+from adtr_anomalib.models.adtr.components.training import RECIPES, native_bf16
 from adtr_anomalib.models.adtr.loss import ADTRLoss
-from adtr_anomalib.models.training import RECIPES, native_bf16
 
 CHANNELS, TOKENS, BATCH = 512, 256, 16
 RECOMMENDED = "fast, stride 8 with 2x2 patch tokens, local attention"  # recipe "fast_stride8_local"

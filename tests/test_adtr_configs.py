@@ -10,7 +10,7 @@ from anomalib.data.utils import ValSplitMode
 
 from adtr_anomalib import ADTR
 from adtr_anomalib.data import BSData
-from adtr_anomalib.models.training import DEFAULT_RECIPE, DEFAULT_STEPS, step_budget
+from adtr_anomalib.models.adtr.components.training import DEFAULT_RECIPE, DEFAULT_STEPS, step_budget
 from adtr_anomalib.post_processing import RankPreservingPostProcessor
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "adtr"

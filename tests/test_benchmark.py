@@ -18,7 +18,7 @@ from adtr_anomalib.benchmark import build_model, markdown_table, measure, run, w
 from adtr_anomalib.benchmark.plan import DataSpec
 from adtr_anomalib.benchmark.report import NUMERIC, summarise, summary_table
 from adtr_anomalib.data import mvtec_layout_folder, subsample_splits
-from adtr_anomalib.models.components import offline_weights_file
+from adtr_anomalib.models.adtr.components.backbone import offline_weights_file
 from adtr_anomalib.post_processing import RankPreservingPostProcessor
 
 

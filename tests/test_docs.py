@@ -35,7 +35,7 @@ import pytest
 from anomalib.cli import AnomalibCLI
 
 from adtr_anomalib import ADTR, ADTRPlus
-from adtr_anomalib.models.base import constructor_parameters
+from adtr_anomalib.models.adtr.lightning_base import constructor_parameters
 from tests.conftest import REPO
 
 if sys.version_info >= (3, 11):

@@ -13,10 +13,10 @@ from anomalib.data.utils import ValSplitMode
 
 from adtr_anomalib import ADTR, ADTRPlus
 from adtr_anomalib.data import mvtec_layout_folder
-from adtr_anomalib.models import base
-from adtr_anomalib.models.adtr.components import ADTRReconstructor
-from adtr_anomalib.models.adtr.torch_model import FEATURE_STATISTICS, ADTRModel
-from adtr_anomalib.models.training import DEFAULT_RECIPE, DEFAULT_STEPS, RECIPES, lr_scheduler
+from adtr_anomalib.models.adtr import lightning_base
+from adtr_anomalib.models.adtr.components import FEATURE_STATISTICS, ADTRReconstructor
+from adtr_anomalib.models.adtr.components.training import DEFAULT_RECIPE, DEFAULT_STEPS, RECIPES, lr_scheduler
+from adtr_anomalib.models.adtr.torch_model import ADTRModel
 from tests.conftest import TINY
 from tests.helpers import make_folder, tiny_adtr, tiny_engine, tiny_torch_model
 
@@ -273,9 +273,9 @@ def test_bf16_only_where_the_hardware_computes_it(monkeypatch: pytest.MonkeyPatc
     first_linear = model.model.reconstructor.encoder[0].ffn.net[0]  # the projections run as F.conv2d: no hook
     first_linear.register_forward_hook(lambda _m, _i, out: dtypes.append(out.dtype))
     features = torch.randn(2, *model.model.extract_features(torch.rand(1, 3, 32, 32)).shape[1:])
-    monkeypatch.setattr(base, "native_bf16", lambda _device: False)
+    monkeypatch.setattr(lightning_base, "native_bf16", lambda _device: False)
     model.reconstruct_for_training(features)
-    monkeypatch.setattr(base, "native_bf16", lambda _device: True)
+    monkeypatch.setattr(lightning_base, "native_bf16", lambda _device: True)
     model.reconstruct_for_training(features)
     model.hparams.bf16 = False
     model.reconstruct_for_training(features)

@@ -9,7 +9,7 @@ from anomalib.engine import Engine
 
 from adtr_anomalib import ADTR
 from adtr_anomalib.data import mvtec_layout_folder
-from adtr_anomalib.models.training import step_budget
+from adtr_anomalib.models.adtr.components.training import step_budget
 from tests.conftest import TINY
 
 

@@ -10,7 +10,7 @@ import torch
 from anomalib.deploy import ExportType
 from anomalib.engine import Engine
 
-import adtr_anomalib.models.components as components
+import adtr_anomalib.models.adtr.components.backbone as components
 from adtr_anomalib import ADTR
 from adtr_anomalib.metrics import inspection_evaluator
 from tests.helpers import fit, raw_aurocs, small_adtr, state_equal

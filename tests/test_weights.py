@@ -12,12 +12,12 @@ import torch
 from skimage import data as skdata
 from torch.nn import functional as F  # noqa: N812
 
-from adtr_anomalib.models.adtr.torch_model import ADTRModel
-from adtr_anomalib.models.components import (
+from adtr_anomalib.models.adtr.components.backbone import (
     convert_efficientnet_pytorch_state_dict,
     load_backbone_weights,
     offline_weights_file,
 )
+from adtr_anomalib.models.adtr.torch_model import ADTRModel
 from tests.conftest import TINY
 
 # ImageNet classes: 281-285 are domestic cats; 967 espresso, 968 cup, 504 coffee mug.

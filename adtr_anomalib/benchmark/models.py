@@ -9,8 +9,8 @@ from anomalib.models.components import AnomalibModule
 
 from adtr_anomalib.metrics import inspection_evaluator
 from adtr_anomalib.models import ADTR, ADTRPlus
-from adtr_anomalib.models.base import constructor_parameters
-from adtr_anomalib.models.components import load_backbone_weights
+from adtr_anomalib.models.adtr.components.backbone import load_backbone_weights
+from adtr_anomalib.models.adtr.lightning_base import constructor_parameters
 from adtr_anomalib.post_processing import RankPreservingPostProcessor
 
 METRICS = ("image_AUROC", "image_F1Max", "pixel_AUROC", "pixel_AUPRO")

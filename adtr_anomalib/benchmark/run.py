@@ -39,7 +39,7 @@ from adtr_anomalib.benchmark.report import (
     write_csv,
 )
 from adtr_anomalib.data import subsample_splits
-from adtr_anomalib.models.training import step_budget
+from adtr_anomalib.models.adtr.components.training import step_budget
 
 RESULTS_LOG = "jobs.jsonl"
 

@@ -6,7 +6,8 @@ a learnable query embedding reconstructs them; the anomaly map is the L2 norm of
 Paper: https://arxiv.org/abs/2209.01816
 """
 
+from .components.training import DEFAULT_RECIPE, DEFAULT_STEPS, RECIPES, step_budget
 from .lightning_model import ADTR
 from .torch_model import ADTRModel
 
-__all__ = ["ADTR", "ADTRModel"]
+__all__ = ["ADTR", "DEFAULT_RECIPE", "DEFAULT_STEPS", "RECIPES", "ADTRModel", "step_budget"]

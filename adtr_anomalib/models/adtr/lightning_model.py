@@ -21,12 +21,10 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
-from adtr_anomalib.models.base import ADTRLightningMixin
-from adtr_anomalib.models.training import LRSchedule, Recipe, check_finite
-
-from .components import AttentionDropout, ReconstructorKind
+from .components import DEFAULT_LAYERS, AttentionDropout, ReconstructorKind
+from .components.training import LRSchedule, Recipe, check_finite
+from .lightning_base import ADTRLightningMixin
 from .loss import ADTRLoss, LossReduction
-from .torch_model import DEFAULT_LAYERS
 
 __all__ = ["ADTR"]
 

@@ -20,11 +20,10 @@ from anomalib.models.components import TimmFeatureExtractor
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from adtr_anomalib.models.components import backbone_stages, load_backbone_weights
-
 from .anomaly_map import AnomalyMapGenerator
 from .components import (
     ATTENTION_DROPOUTS,
+    DEFAULT_LAYERS,
     RECONSTRUCTORS,
     ADTRReconstructor,
     AttentionDropout,
@@ -33,13 +32,7 @@ from .components import (
     moments,
     per_pixel_statistics,
 )
-
-# EfficientNet stages 1-5 in timm's ``features_only`` naming (paper: all five, C = 720 for B4).
-DEFAULT_LAYERS: tuple[str, ...] = ("blocks.0", "blocks.1", "blocks.2", "blocks.4", "blocks.6")
-# Buffers of ADTRModel that hold the per-channel feature statistics (``normalize_features``).
-FEATURE_STATISTICS: tuple[str, ...] = ("feature_mean", "feature_std", "feature_statistics_fitted")
-# Buffers of ADTRModel that hold the per-pixel statistics of the training images' anomaly maps (``normalize_map``).
-MAP_STATISTICS: tuple[str, ...] = ("map_mean", "map_std", "map_statistics_fitted")
+from .components.backbone import backbone_stages, load_backbone_weights
 
 
 class ADTRModel(nn.Module):

@@ -29,7 +29,7 @@ from anomalib.models.components import AnomalibModule
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 
 from adtr_anomalib.models.adtr import ADTR
-from adtr_anomalib.models.training import check_finite
+from adtr_anomalib.models.adtr.components.training import check_finite
 
 from .loss import ADTRPlusLoss, masks_to_token_labels, pseudo_huber_error
 

@@ -8,6 +8,10 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+# Buffers of the model that hold the per-channel feature statistics (``normalize_features``).
+FEATURE_STATISTICS: tuple[str, ...] = ("feature_mean", "feature_std", "feature_statistics_fitted")
+# Buffers of the model that hold the per-pixel statistics of the training images' anomaly maps (``normalize_map``).
+MAP_STATISTICS: tuple[str, ...] = ("map_mean", "map_std", "map_statistics_fitted")
 # Sums a tensor over the processes of a distributed run (identity in one process): statistics fitted on each
 # process's shard of the training set then equal those of the whole set.
 SumReduce = Callable[[torch.Tensor], torch.Tensor]

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import torch
 
-from .adtr.torch_model import DEFAULT_LAYERS
+from .backbone import DEFAULT_LAYERS
 
 LRSchedule = Literal["step", "cosine"]
 Recipe = Literal["paper", "fast", "fast_stride8", "fast_stride8_local", "fast_stride8_mlp"]

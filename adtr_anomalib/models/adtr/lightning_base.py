@@ -1,8 +1,9 @@
 """What ADTR and ADTR+ share as anomalib modules: the network, weights, pre-processing, optimiser and hooks.
 
-The pieces with their own concern live beside it, each in one named file: ``checkpoints.py`` (checkpoint
-compatibility and RNG state), ``feature_cache.py`` (the frozen-feature cache), ``training.py`` (recipes,
-learning-rate schedule, bf16), ``export.py`` (INT8 settings and frozen torch export).
+The pieces with their own concern live in ``components/``, each in one named file: ``checkpoints.py`` (checkpoint
+compatibility and RNG state), ``feature_cache.py`` (the frozen-feature cache), ``training.py`` (recipes, step
+budgets, learning-rate schedule, bf16), ``export.py`` (INT8 settings and frozen torch export), ``backbone.py`` (timm
+stages and ImageNet weights without a model hub).
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ from torchvision.transforms.v2 import Compose, Normalize, Resize
 from adtr_anomalib.data.validation import check_datamodule_files, check_dataset_files, check_folder_layout
 from adtr_anomalib.visualization import LoggingImageVisualizer
 
-from .adtr.components import SumReduce
-from .adtr.torch_model import FEATURE_STATISTICS, MAP_STATISTICS, ADTRModel
-from .checkpoints import (
+from .components import FEATURE_STATISTICS, MAP_STATISTICS, SumReduce
+from .components.backbone import backbone_normalization
+from .components.checkpoints import (
     CHECKPOINT_IO,
     RNG_STATE_KEY,
     adopt_network_arguments,
@@ -41,10 +42,10 @@ from .checkpoints import (
     rng_state,
     set_rng_state,
 )
-from .components import backbone_normalization
-from .export import frozen_parameters, quantize_ov
-from .feature_cache import FeatureCache, cache_blockers
-from .training import apply_recipe, check_finite, check_optimizer_arguments, lr_scheduler, native_bf16
+from .components.export import frozen_parameters, quantize_ov
+from .components.feature_cache import FeatureCache, cache_blockers
+from .components.training import apply_recipe, check_finite, check_optimizer_arguments, lr_scheduler, native_bf16
+from .torch_model import ADTRModel
 
 logger = logging.getLogger(__name__)
 

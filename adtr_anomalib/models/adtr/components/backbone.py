@@ -48,6 +48,10 @@ _BLOCK_RENAMES = {
 _DS_BLOCK_RENAMES = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
 
 
+# EfficientNet stages 1-5 in timm's ``features_only`` naming (paper: all five, C = 720 for B4).
+DEFAULT_LAYERS: tuple[str, ...] = ("blocks.0", "blocks.1", "blocks.2", "blocks.4", "blocks.6")
+
+
 def check_backbone(backbone: str) -> None:
     """Fail early, naming the parameter, when ``backbone`` is not a timm model (tagged names such as
     ``resnet18.a1_in1k`` included).

@@ -23,7 +23,7 @@ from anomalib.utils.serialization import anomalib_safe_globals
 from lightning.fabric.plugins import TorchCheckpointIO
 from torch import nn
 
-from .adtr.torch_model import FEATURE_STATISTICS, MAP_STATISTICS
+from .statistics import FEATURE_STATISTICS, MAP_STATISTICS
 
 logger = logging.getLogger(__name__)
 
