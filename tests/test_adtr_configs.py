@@ -11,7 +11,7 @@ from anomalib.data.utils import ValSplitMode
 from adtr_anomalib import ADTR
 from adtr_anomalib.data import BSData
 from adtr_anomalib.models.adtr.components.training import DEFAULT_RECIPE, DEFAULT_STEPS, step_budget
-from adtr_anomalib.post_processing import RankPreservingPostProcessor
+from adtr_anomalib.post_processing import PIXEL_NORMAL_QUANTILE, RankPreservingPostProcessor
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "adtr"
 BACKBONES = {
@@ -44,6 +44,7 @@ def test_recommended_offline_config_uses_the_default_recipe_steps_and_held_out_v
     assert model.hparams.normalize_features
     assert model.hparams.dropout == 0.0
     assert isinstance(model.post_processor, RankPreservingPostProcessor)
+    assert model.post_processor.pixel_normal_quantile == PIXEL_NORMAL_QUANTILE  # outlines as the demo draws them
     assert data.val_split_mode == ValSplitMode.SYNTHETIC  # thresholds never from the test images
     assert isinstance(data, BSData)  # a data set a user can get: downloaded and built on first use
     budget = step_budget(DEFAULT_STEPS)  # optimiser steps, one validation at the end
