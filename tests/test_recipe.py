@@ -291,3 +291,17 @@ def test_synthetic_validation_keeps_test_images_out_of_normalisation(tmp_path: P
     assert not test_paths & val_paths
     assert len(datamodule.train_data) == 8
     assert set(datamodule.val_data.samples.label_index) == {0, 1}
+
+
+def test_bf16_is_native_only_where_the_cpu_has_bf16_instructions(monkeypatch) -> None:
+    """oneDNN reports bf16 on every AVX-512 CPU; without AVX-512 BF16 or AMX it emulates it, slower than float32."""
+    from adtr_anomalib.models.adtr.components import training
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    monkeypatch.setattr(training, "cpu_flags", lambda: frozenset({"avx512f", "avx512_vnni"}))
+    assert not training.native_bf16(cpu)
+    monkeypatch.setattr(training, "cpu_flags", lambda: frozenset({"avx512f", "amx_bf16", "amx_tile"}))
+    assert training.native_bf16(cpu)
+    monkeypatch.setattr(training, "cpu_flags", lambda: None)  # no /proc/cpuinfo: oneDNN's word
+    assert training.native_bf16(cpu)
