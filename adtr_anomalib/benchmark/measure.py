@@ -25,6 +25,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from adtr_anomalib.models.adtr.components.training import cpu_flags
+
 T = TypeVar("T")
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576"}
@@ -199,7 +201,8 @@ def machine() -> str:
     if found := re.search(r"model name\s*:\s*(.+)", text):
         cpu = found.group(1).strip()
     # What decides bf16 and INT8 speed on a CPU (the matrix extensions OpenVINO and oneDNN use).
-    extensions = [name for name in ("avx512_vnni", "avx512_bf16", "amx_tile") if re.search(rf"\b{name}\b", text)]
+    flags = cpu_flags() or frozenset()
+    extensions = [name for name in ("avx512_vnni", "avx512_bf16", "amx_tile") if name in flags]
     if text:
         cpu += f"; {', '.join(extensions) or 'no AVX-512 VNNI/BF16 or AMX'}"
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
