@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 # The recommended training length and recipe (DEFAULT_STEPS and DEFAULT_RECIPE of
-# adtr_anomalib.models.adtr.components.training), written out so that `--help` does not import torch (a test checks).
+# adtr_anomalib.models.adtr.components.settings), written out so that `--help` does not import torch (a test checks).
 DEMO_STEPS = 500
 DEMO_RECIPE = "fast"
-# The names of RECIPES in adtr_anomalib.models.adtr.components.training, written out so `--help` does not import
+# The names of RECIPES in adtr_anomalib.models.adtr.components.settings, written out so `--help` does not import
 # torch (a test checks).
 RECIPE_NAMES = ("fast", "fast_stride8", "fast_stride8_local", "fast_stride8_mlp", "paper")
 
@@ -95,10 +95,15 @@ def run_demo(
     from lightning.pytorch import seed_everything
 
     from adtr_anomalib import ADTR
-    from adtr_anomalib.data import HELD_OUT_VALIDATION, default_dataset_root, make_texture_dataset, mvtec_layout_folder
+    from adtr_anomalib.data import (
+        TEST_FOLDER_VALIDATION,
+        default_dataset_root,
+        make_texture_dataset,
+        mvtec_layout_folder,
+    )
     from adtr_anomalib.metrics import inspection_evaluator
     from adtr_anomalib.models.adtr.components.training import step_budget
-    from adtr_anomalib.post_processing import PIXEL_NORMAL_QUANTILE, RankPreservingPostProcessor
+    from adtr_anomalib.post_processing import inspection_post_processor
 
     if epochs is not None and steps is not None:
         msg = "give --steps or --epochs, not both."
@@ -117,18 +122,19 @@ def run_demo(
     )
     seed_everything(seed, workers=True)
     root = make_texture_dataset(default_dataset_root(), category) if data is None else Path(data)
-    # Thresholds from held-back training images (with synthetic anomalies), never from the test images; the
-    # rank-preserving post-processor keeps the test metrics those of the raw scores, and its pixel threshold from the
-    # held-back normal images outlines less of the good images than anomalib's F1 threshold.
+    # Thresholds from half of the test folder's images, which then leave the test set: the built-in test images are
+    # cut from another band of the photographs than the training images, and held-back training images put the
+    # thresholds below every good test image. The rank-preserving post-processor keeps the test metrics those of the
+    # raw scores; its thresholds from the normal validation images flag and outline almost none of the good images.
     datamodule = mvtec_layout_folder(
-        root, train_batch_size=batch_size, eval_batch_size=batch_size, seed=seed, **HELD_OUT_VALIDATION
+        root, train_batch_size=batch_size, eval_batch_size=batch_size, seed=seed, **TEST_FOLDER_VALIDATION
     )
     model = ADTR(
         backbone=backbone,
         recipe=recipe,
         **({} if lr is None else {"lr": lr}),
         pre_processor=ADTR.configure_pre_processor((image_size, image_size), backbone=backbone),
-        post_processor=RankPreservingPostProcessor(pixel_normal_quantile=PIXEL_NORMAL_QUANTILE),
+        post_processor=inspection_post_processor(),
         evaluator=inspection_evaluator(),
     )
     engine = Engine(

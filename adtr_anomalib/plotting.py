@@ -36,6 +36,7 @@ class Predictions:
     anomaly_maps: np.ndarray  # (N, H, W) normalised anomaly maps
     labels: np.ndarray | None = None  # (N,) ground truth, 1 = anomalous
     masks: np.ndarray | None = None  # (N, H, W) ground-truth masks, bool
+    pred_masks: np.ndarray | None = None  # (N, H, W) the post-processor's predicted masks, bool
 
     @classmethod
     def from_batches(cls, batches: Iterable[Any], image_paths: Sequence[str | Path] | None = None) -> Predictions:
@@ -67,12 +68,14 @@ class Predictions:
             msg = "The batches hold no anomaly maps."
             raise ValueError(msg)
         masks = gather("gt_mask")
+        pred_masks = gather("pred_mask")
         return cls(
             image_paths=paths,
             scores=gather("pred_score").reshape(len(paths)),
             anomaly_maps=maps.reshape(len(paths), *maps.shape[-2:]),
             labels=None if (labels := gather("gt_label")) is None else labels.reshape(len(paths)).astype(int),
             masks=None if masks is None else masks.reshape(len(paths), *masks.shape[-2:]).astype(bool),
+            pred_masks=None if pred_masks is None else pred_masks.reshape(len(paths), *maps.shape[-2:]).astype(bool),
         )
 
     def pick(self, per_folder: int = 1) -> list[int]:
@@ -117,8 +120,9 @@ def plot_heatmaps(
     """One column per image: the photo with its ground-truth outline, and the anomaly map over it.
 
     The map is drawn with a fixed 0-1 colour range, so colours compare across images and models; the white
-    outline is the ground truth and the black one the predicted defect (map above ``threshold``). The title
-    gives the image score and the decision.
+    outline is the ground truth and the black one the predicted defect: the post-processor's ``pred_mask`` where the
+    predictions hold it (so outlines follow its pixel threshold and gating), else the map above ``threshold``. The
+    title gives the image score and the decision.
 
     Args:
         predictions: The test set's predictions.
@@ -145,7 +149,13 @@ def plot_heatmaps(
         top.set_title(titles[column] if titles else Path(predictions.image_paths[index]).parent.name)
         bottom.imshow(image)
         bottom.imshow(predictions.anomaly_maps[index], cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
-        bottom.contour(predictions.anomaly_maps[index] > threshold, levels=[0.5], colors="black", linewidths=1)
+        outline = (
+            predictions.anomaly_maps[index] > threshold
+            if predictions.pred_masks is None
+            else predictions.pred_masks[index]
+        )
+        if outline.any():
+            bottom.contour(outline, levels=[0.5], colors="black", linewidths=1)
         if predictions.masks is not None and predictions.masks[index].any():
             for ax in (top, bottom):
                 ax.contour(predictions.masks[index], levels=[0.5], colors="white", linewidths=1)

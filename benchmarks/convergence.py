@@ -42,7 +42,8 @@ from adtr_anomalib.benchmark.report import append_csv
 from adtr_anomalib.data import default_dataset_root, make_texture_dataset, mvtec_layout_folder
 from adtr_anomalib.models.adtr.anomaly_map import AnomalyMapGenerator
 from adtr_anomalib.models.adtr.components import DEFAULT_LAYERS, ADTRReconstructor, per_pixel_statistics
-from adtr_anomalib.models.adtr.components.training import RECIPES, lr_scheduler, native_bf16
+from adtr_anomalib.models.adtr.components.settings import RECIPES
+from adtr_anomalib.models.adtr.components.training import lr_scheduler, native_bf16
 from adtr_anomalib.models.adtr.loss import ADTRLoss
 from adtr_anomalib.models.adtr.torch_model import ADTRModel
 

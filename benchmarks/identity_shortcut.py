@@ -10,22 +10,31 @@ training loss (chosen on normal training images only, never on the defects). The
 - for the linear (1x1 conv) model, ``||W - I||_F / ||I||_F`` at the start and the end: whether it drifts toward
   the identity, which reconstructs anomalies as well as normal features.
 
-The same attention with ``attention_locality=1`` (the recommended recipe's local attention) is a third arm. A
+The same attention with ``attention_locality=1`` (``fast_stride8_local``'s local attention) is a third arm. A
 zero-output model (error = feature energy) and a copy model (error 0) are scored as references. Rows go to
 ``--output`` (CSV with date, commit, machine and command); the table is printed.
 
-    OMP_NUM_THREADS=1 python benchmarks/identity_shortcut.py --textures brick grass --seeds 0 1 2
+The object arm (``--textures part``) asks what a surface cannot: a part photographed in a fixed pose, a plate with
+four bolts, whose defect is a bolt missing, which leaves plain plate where a bolt belongs. Each missing bolt looks
+like the plate around it, so a model that rebuilds a position from its neighbours rebuilds the empty place as empty
+and must miss it; two more references show that: the mean of the 8 neighbouring tokens (error to it), and the
+training images' mean token at each position (a per-position prior, as PaDiM's), which must find it.
+
+    OMP_NUM_THREADS=1 python benchmarks/identity_shortcut.py --textures brick grass part --seeds 0 1 2
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 from torchmetrics.functional.classification import binary_auroc
@@ -49,6 +58,54 @@ class TokenSet:
     test: torch.Tensor  # (M, C, h, w) good and defective test images
     anomalous: torch.Tensor  # (M, h, w) bool: cell at least half covered by a defect mask
     normal: torch.Tensor  # (M, h, w) bool: every cell of a good test image
+
+
+BOLTS = ((40, 40), (40, 88), (88, 40), (88, 88))  # bolt centres (row, column) of the part at SIZE px
+BOLT_RADIUS = 9
+
+
+def make_part_dataset(root: Path, n_train: int = 48, n_test_good: int = 12, n_test_missing: int = 12) -> Path:
+    """A fixed-pose part in MVTec layout (once; reused when complete): a textured plate with four bolts on a dark
+    background, shifted by up to 2 px and lit a little differently per image; defect ``missing_bolt`` leaves one
+    bolt out, its place masked."""
+    folder = root / "part"
+    counts = {"train": n_train, "good": n_test_good, "missing": n_test_missing}
+    if (folder / "counts.json").is_file() and json.loads((folder / "counts.json").read_text()) == counts:
+        return folder
+    rng = np.random.default_rng(0)
+    rows, columns = np.mgrid[0:SIZE, 0:SIZE]
+
+    def render(missing: int | None) -> tuple[np.ndarray, np.ndarray]:
+        dy, dx = rng.integers(-2, 3, size=2)
+        noise = rng.normal(0.0, 1.0, (SIZE // 4, SIZE // 4))
+        grain = np.kron(noise, np.ones((4, 4))) * 0.03  # the plate's coarse surface grain
+        image = 0.12 + rng.normal(0.0, 0.01, (SIZE, SIZE))
+        plate = (abs(rows - 64 - dy) < 48) & (abs(columns - 64 - dx) < 48)
+        image[plate] = rng.uniform(0.5, 0.6) + grain[plate]
+        mask = np.zeros((SIZE, SIZE), dtype=bool)
+        for index, (row, column) in enumerate(BOLTS):
+            distance = np.hypot(rows - row - dy, columns - column - dx)
+            if index == missing:
+                mask |= distance <= BOLT_RADIUS + 1
+                continue
+            image[distance <= BOLT_RADIUS] = 0.25
+            image[(distance > BOLT_RADIUS - 3) & (distance <= BOLT_RADIUS)] = 0.9  # the bolt head's bright rim
+            image[distance <= 3] = 0.45  # its centre
+        return (np.clip(image, 0, 1) * 255).astype(np.uint8), mask
+
+    def save(array: np.ndarray, path: Path, mode: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).convert(mode).save(path)
+
+    for split, count in (("train/good", n_train), ("test/good", n_test_good)):
+        for index in range(count):
+            save(render(None)[0], folder / split / f"{index:03d}.png", "RGB")
+    for index in range(n_test_missing):
+        image, mask = render(int(rng.integers(len(BOLTS))))
+        save(image, folder / "test" / "missing_bolt" / f"{index:03d}.png", "RGB")
+        save(mask.astype(np.uint8) * 255, folder / "ground_truth" / "missing_bolt" / f"{index:03d}_mask.png", "L")
+    (folder / "counts.json").write_text(json.dumps(counts))
+    return folder
 
 
 def _load(paths: list[Path], mode: ImageReadMode = ImageReadMode.RGB) -> torch.Tensor:
@@ -118,6 +175,21 @@ def token_errors(model: nn.Module | None, features: torch.Tensor) -> torch.Tenso
     return torch.cat([(model(chunk) - chunk).pow(2).sum(1) for chunk in features.split(16)])
 
 
+def neighbour_errors(features: torch.Tensor) -> torch.Tensor:
+    """Squared error to the mean of the 8 neighbouring tokens: a model that rebuilds a position from around it."""
+    kernel = torch.ones(1, 1, 3, 3) / 8
+    kernel[0, 0, 1, 1] = 0
+    channels = features.shape[1]
+    neighbours = F.conv2d(F.pad(features, (1, 1, 1, 1), mode="replicate"), kernel.expand(channels, 1, 3, 3),
+                          groups=channels)  # fmt: skip
+    return (features - neighbours).pow(2).sum(1)
+
+
+def position_errors(tokens: TokenSet) -> torch.Tensor:
+    """Squared error to the training images' mean token at the same position: what belongs where."""
+    return (tokens.test - tokens.train.mean(0, keepdim=True)).pow(2).sum(1)
+
+
 def score(errors: torch.Tensor, tokens: TokenSet) -> dict[str, float]:
     """Normal and anomalous errors (absolute and relative to feature energy) and the token AUROC."""
     energy = tokens.test.pow(2).sum(1)
@@ -173,6 +245,8 @@ def run(texture: str, tokens: TokenSet, steps: int, seed: int, lrs: dict[str, fl
                      **score(token_errors(model, tokens.test), tokens)})  # fmt: skip
     rows.append({"reconstructor": "zero output", **score(token_errors(None, tokens.test), tokens)})
     rows.append({"reconstructor": "copy input", **score(torch.zeros_like(tokens.anomalous, dtype=torch.float), tokens)})
+    rows.append({"reconstructor": "neighbour mean", **score(neighbour_errors(tokens.test), tokens)})
+    rows.append({"reconstructor": "position mean", **score(position_errors(tokens), tokens)})
     return [{"texture": texture, "seed": seed, "steps": steps, **row} for row in rows]
 
 
@@ -202,7 +276,9 @@ def report(table: pd.DataFrame) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--textures", nargs="+", default=["brick", "grass"], choices=["brick", "grass", "gravel"])
+    parser.add_argument(
+        "--textures", nargs="+", default=["brick", "grass", "part"], choices=["brick", "grass", "gravel", "part"]
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=400, help="optimiser steps for every reconstructor")
     parser.add_argument("--data", type=Path, default=Path("datasets/identity_shortcut"), help="where textures go")
@@ -214,8 +290,12 @@ def main() -> None:
         return
     rows = []
     for texture in args.textures:
-        root = make_texture_dataset(args.data, texture, image_size=SIZE, n_train=48, n_test_good=12,
-                                    n_test_defect_per_type=4)  # fmt: skip
+        root = (
+            make_part_dataset(args.data)
+            if texture == "part"
+            else make_texture_dataset(args.data, texture, image_size=SIZE, n_train=48, n_test_good=12,
+                                      n_test_defect_per_type=4)
+        )  # fmt: skip
         tokens = token_set(root)
         # The sweep runs once per texture, on the first seed: the same rate then serves every seed.
         candidates = builders(tokens)

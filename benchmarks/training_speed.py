@@ -31,7 +31,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from adtr_anomalib.benchmark.measure import fastest_interleaved, matmul_peak, provenance, timed
 from adtr_anomalib.benchmark.report import append_csv
 from adtr_anomalib.models.adtr.components import ADTRReconstructor
-from adtr_anomalib.models.adtr.components.training import RECIPES, native_bf16
+from adtr_anomalib.models.adtr.components.settings import RECIPES
+from adtr_anomalib.models.adtr.components.training import native_bf16
 from adtr_anomalib.models.adtr.loss import ADTRLoss
 
 CHANNELS, TOKENS, BATCH = 512, 256, 16

@@ -10,8 +10,9 @@ from anomalib.data.utils import ValSplitMode
 
 from adtr_anomalib import ADTR
 from adtr_anomalib.data import BSData
-from adtr_anomalib.models.adtr.components.training import DEFAULT_RECIPE, DEFAULT_STEPS, step_budget
-from adtr_anomalib.post_processing import PIXEL_NORMAL_QUANTILE, RankPreservingPostProcessor
+from adtr_anomalib.models.adtr.components.settings import DEFAULT_RECIPE, DEFAULT_STEPS
+from adtr_anomalib.models.adtr.components.training import step_budget
+from adtr_anomalib.post_processing import RankPreservingPostProcessor, inspection_post_processor
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "adtr"
 BACKBONES = {
@@ -39,13 +40,21 @@ def test_recommended_offline_config_uses_the_default_recipe_steps_and_held_out_v
     init = AnomalibCLI(["train", "-c", str(CONFIGS / "lite0_offline.yaml")], run=False).config_init["train"]
     model, data = init["model"], init["data"]
     assert model.hparams.recipe == DEFAULT_RECIPE == "fast"
-    assert model.hparams.attention_locality == 0.0  # global attention: objects need to see what belongs where
-    assert (model.hparams.feature_stride, model.hparams.patch_size) == (16, 1)
-    assert model.hparams.normalize_features
-    assert model.hparams.dropout == 0.0
+    assert model.settings.attention_locality == 0.0  # global attention: objects need to see what belongs where
+    assert (model.settings.feature_stride, model.settings.patch_size) == (16, 1)
+    assert model.settings.normalize_features
+    assert model.settings.dropout == 0.0
     assert isinstance(model.post_processor, RankPreservingPostProcessor)
-    assert model.post_processor.pixel_normal_quantile == PIXEL_NORMAL_QUANTILE  # outlines as the demo draws them
+    # thresholds and outlines as the demo draws them
+    assert model.post_processor.checkpoint_config() == inspection_post_processor().checkpoint_config()
     assert data.val_split_mode == ValSplitMode.SYNTHETIC  # thresholds never from the test images
     assert isinstance(data, BSData)  # a data set a user can get: downloaded and built on first use
     budget = step_budget(DEFAULT_STEPS)  # optimiser steps, one validation at the end
     assert {key: init["trainer"][key] for key in budget} == budget
+
+
+@pytest.mark.parametrize("name", ["folder.yaml", "lite0_offline.yaml"])
+def test_configs_for_your_own_parts_judge_and_outline_as_the_demo(name: str) -> None:
+    model = AnomalibCLI(["train", "-c", str(CONFIGS / name)], run=False).config_init["train"]["model"]
+    assert model.post_processor.checkpoint_config() == inspection_post_processor().checkpoint_config()
+    assert model.post_processor.masks_follow_labels

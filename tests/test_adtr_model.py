@@ -102,7 +102,7 @@ def test_defaults_are_the_papers() -> None:
     assert reconstructor.query_embed.shape == (1, 256, 256)
     assert adtr.model.anomaly_map_generator.pooling_kernel == 16
     assert adtr.loss.reduction == "sum"
-    assert (adtr.hparams.lr, adtr.hparams.weight_decay, adtr.hparams.lr_schedule) == (1e-4, 1e-4, "step")
+    assert (adtr.settings.lr, adtr.settings.weight_decay, adtr.settings.lr_schedule) == (1e-4, 1e-4, "step")
 
 
 def test_normalisation_comes_from_the_backbone() -> None:

@@ -15,7 +15,7 @@ from anomalib.data.datasets.image.visa import CATEGORIES as VISA_CATEGORIES
 from anomalib.pipelines import Benchmark
 
 from adtr_anomalib.benchmark.plan import parser, plan
-from adtr_anomalib.models.adtr.components.training import DEFAULT_STEPS
+from adtr_anomalib.models.adtr.components.settings import DEFAULT_STEPS
 from tests.conftest import REPO
 
 CONFIGS = REPO / "configs" / "benchmark"

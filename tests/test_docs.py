@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import importlib
 import json
 import os
@@ -34,7 +35,8 @@ import jsonargparse
 import pytest
 from anomalib.cli import AnomalibCLI
 
-from adtr_anomalib import ADTR, ADTRPlus
+from adtr_anomalib import ADTR, ADTRPlus, ADTRSettings
+from adtr_anomalib.models.adtr.components.settings import PAPER_SETTINGS
 from adtr_anomalib.models.adtr.lightning_base import constructor_parameters
 from tests.conftest import REPO
 
@@ -253,15 +255,15 @@ def test_python_snippets_compile_and_their_imports_resolve(doc: Path) -> None:
                     importlib.import_module(alias.name)
 
 
-def _parameter_table() -> dict[str, str]:
-    """``parameter -> default`` from the parameter guide's table (first two columns, in backticks)."""
-    section = REPO.joinpath("docs", "parameters.md").read_text().split("# Model parameters", 1)[1].split("\n## ", 1)[0]
-    rows = re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", section, flags=re.MULTILINE)
+def _parameter_table(section: str = "# Model parameters") -> dict[str, str]:
+    """``parameter -> default`` from a table of the parameter guide (first two columns, in backticks)."""
+    text = REPO.joinpath("docs", "parameters.md").read_text().split(section + "\n", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", text, flags=re.MULTILINE)
     return dict(rows)
 
 
 @pytest.mark.parametrize("model", [ADTR, ADTRPlus], ids=lambda m: m.__name__)
-def test_readme_parameter_table_matches_the_code(model: type) -> None:
+def test_parameter_guide_lists_the_arguments_with_their_defaults(model: type) -> None:
     table = _parameter_table()
     parameters = {
         name: parameter.default
@@ -270,7 +272,15 @@ def test_readme_parameter_table_matches_the_code(model: type) -> None:
     }
     assert set(parameters) <= set(table), f"not in docs/parameters.md: {sorted(set(parameters) - set(table))}"
     for name, default in parameters.items():
-        assert ast.literal_eval(table[name]) == default, f"{name}: README says {table[name]}, code says {default!r}"
+        assert ast.literal_eval(table[name]) == default, f"{name}: the guide says {table[name]}, code says {default!r}"
+
+
+def test_parameter_guide_lists_every_setting_with_its_paper_value() -> None:
+    table = _parameter_table("## Settings")
+    settings = PAPER_SETTINGS
+    assert list(table) == [field.name for field in dataclasses.fields(ADTRSettings)] == list(settings)
+    for name, default in settings.items():
+        assert ast.literal_eval(table[name]) == default, f"{name}: the guide says {table[name]}, code says {default!r}"
 
 
 def test_notebooks_are_committed_without_outputs() -> None:
@@ -298,6 +308,33 @@ def test_readme_links_the_notebooks_and_its_picture() -> None:
         assert file.is_file(), picture
         assert file.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{picture} is not a PNG"
         assert file.stat().st_size < 200_000, f"{picture} is {file.stat().st_size // 1024} KB; keep it under 200 KB"
+
+
+CAPTION_METRICS = re.compile(
+    r"image AUROC ([\d.]+), F1Max ([\d.]+), pixel AUROC ([\d.]+), AUPRO ([\d.]+); of the test images, ([\d.]+)% of "
+    r"the good ones are flagged and ([\d.]+)% of their area outlined, and ([\d.]+)% of the defective ones flagged"
+)
+CAPTION_COLUMNS = (
+    "image_AUROC",
+    "image_F1Max",
+    "pixel_AUROC",
+    "pixel_AUPRO",
+    "good_flagged_pct",
+    "good_area_pct",
+    "defects_flagged_pct",
+)
+
+
+def test_the_picture_s_caption_quotes_its_last_drawing() -> None:
+    """The caption's numbers are those ``docs/make_figure.py`` recorded when it drew the picture (its last row)."""
+    import pandas as pd
+
+    caption = " ".join(REPO.joinpath("README.md").read_text().split())
+    match = CAPTION_METRICS.search(caption)
+    assert match, "the README's caption no longer quotes the demo's metrics in the form the test reads"
+    last = pd.read_csv(REPO / "docs" / "adtr_metrics.csv").iloc[-1]
+    for column, quoted in zip(CAPTION_COLUMNS, match.groups(), strict=True):
+        assert float(quoted) == pytest.approx(float(last[column]), abs=1e-9), column
 
 
 # --- tables copied from results files ------------------------------------------------------------------------------

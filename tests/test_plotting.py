@@ -69,3 +69,23 @@ def test_histogram_separates_good_and_defect_and_marks_the_threshold(predictions
     assert labels == ["good (2)", "defect (3)", "threshold 0.3"]
     (line,) = ax.get_lines()
     assert list(line.get_xdata()) == [0.3, 0.3]
+
+
+def test_outlines_are_the_post_processor_s_masks_where_the_batches_hold_them(predictions: Predictions) -> None:
+    """The black outline is ``pred_mask`` when the batches have it (gated masks stay empty), else map > threshold."""
+    assert predictions.pred_masks is None
+    loud = np.ones_like(predictions.anomaly_maps)
+    by_threshold = plot_heatmaps(Predictions(predictions.image_paths, predictions.scores, loud), [1], threshold=0.5)
+    gated = Predictions(predictions.image_paths, predictions.scores, loud, pred_masks=np.zeros_like(loud, dtype=bool))
+    by_mask = plot_heatmaps(gated, [1], threshold=0.5)
+    assert len(by_threshold.axes[1].collections) == 1  # the predicted outline over the whole map
+    assert len(by_mask.axes[1].collections) == 0  # nothing outlined on the image judged normal
+
+
+def test_predicted_masks_are_gathered_at_the_map_s_size() -> None:
+    pred_mask = np.zeros((2, 1, 8, 8), dtype=bool)
+    pred_mask[1, 0, 3, 3] = True
+    batch = SimpleNamespace(pred_score=np.array([0.3, 0.8]), anomaly_map=np.zeros((2, 1, 8, 8)), pred_mask=pred_mask)
+    gathered = Predictions.from_batches([batch], image_paths=["a.png", "b.png"])
+    assert gathered.pred_masks.shape == (2, 8, 8)
+    assert gathered.pred_masks.sum(axis=(1, 2)).tolist() == [0, 1]

@@ -15,7 +15,8 @@ from adtr_anomalib import ADTR, ADTRPlus
 from adtr_anomalib.data import mvtec_layout_folder
 from adtr_anomalib.models.adtr import lightning_base
 from adtr_anomalib.models.adtr.components import FEATURE_STATISTICS, ADTRReconstructor
-from adtr_anomalib.models.adtr.components.training import DEFAULT_RECIPE, DEFAULT_STEPS, RECIPES, lr_scheduler
+from adtr_anomalib.models.adtr.components.settings import DEFAULT_RECIPE, DEFAULT_STEPS, RECIPES
+from adtr_anomalib.models.adtr.components.training import lr_scheduler
 from adtr_anomalib.models.adtr.torch_model import ADTRModel
 from tests.conftest import TINY
 from tests.helpers import make_folder, tiny_adtr, tiny_engine, tiny_torch_model
@@ -106,15 +107,15 @@ def test_lr_schedule_warmup_cosine_and_step() -> None:
 
 def test_fast_recipe_sets_only_what_was_left_at_the_default() -> None:
     model = ADTR(backbone="tf_efficientnet_lite0", recipe="fast", lr=5e-4, pre_trained=False)
-    assert model.hparams.lr == 5e-4  # given explicitly: wins over the recipe
+    assert model.settings.lr == 5e-4  # given explicitly: wins over the recipe
     for key, value in RECIPES["fast"].items():
         if key != "lr":
-            assert model.hparams[key] == value, key
+            assert getattr(model.settings, key) == value, key
     assert model.model.normalize_features
     assert model.model.reconstructor.feature_jitter == 20.0
     assert model.trainer_arguments["gradient_clip_val"] == 0.1
     paper = ADTR(backbone="tf_efficientnet_lite0", pre_trained=False)
-    assert paper.hparams.dropout == 0.1
+    assert paper.settings.dropout == 0.1
     assert paper.trainer_arguments["gradient_clip_val"] is None
     assert model.model.map_layers == ["blocks.0", "blocks.1", "blocks.2", "blocks.4"]  # not the stride-32 stage
     plus = ADTRPlus(backbone="tf_efficientnet_lite0", recipe="fast", pre_trained=False)
@@ -128,14 +129,14 @@ def _recipe_and_base(recipe: str, base: str) -> tuple[ADTR, ADTR]:
     """Lite0 ADTR with ``recipe`` and with the ``base`` recipe it extends, checked to share every setting of base."""
     derived, parent = (ADTR(backbone="tf_efficientnet_lite0", recipe=r, pre_trained=False) for r in (recipe, base))
     for key in RECIPES[base]:
-        assert derived.hparams[key] == parent.hparams[key], key
+        assert getattr(derived.settings, key) == getattr(parent.settings, key), key
     return derived, parent
 
 
 def test_fast_stride8_recipe_is_fast_on_a_stride_8_map_with_as_many_tokens() -> None:
     fine, coarse = _recipe_and_base("fast_stride8", "fast")
-    assert (fine.hparams.feature_stride, fine.hparams.patch_size) == (8, 2)
-    assert (coarse.hparams.feature_stride, coarse.hparams.patch_size) == (16, 1)
+    assert (fine.settings.feature_stride, fine.settings.patch_size) == (8, 2)
+    assert (coarse.settings.feature_stride, coarse.settings.patch_size) == (16, 1)
     maps = {}
     for name, model in (("fine", fine), ("coarse", coarse)):
         model.eval()
@@ -147,7 +148,7 @@ def test_fast_stride8_recipe_is_fast_on_a_stride_8_map_with_as_many_tokens() -> 
 
 def test_fast_stride8_mlp_recipe_is_fast_stride8_without_attention() -> None:
     mlp, attention = _recipe_and_base("fast_stride8_mlp", "fast_stride8")
-    assert (mlp.hparams.reconstructor, attention.hparams.reconstructor) == ("mlp", "transformer")
+    assert (mlp.settings.reconstructor, attention.settings.reconstructor) == ("mlp", "transformer")
     layers = {type(module).__name__ for module in mlp.model.reconstructor.modules()}
     assert "Attention" not in layers
     assert not hasattr(mlp.model.reconstructor, "query_embed")
@@ -156,12 +157,12 @@ def test_fast_stride8_mlp_recipe_is_fast_stride8_without_attention() -> None:
 
 def test_fast_stride8_local_recipe_is_fast_stride8_with_local_attention() -> None:
     local, plain = _recipe_and_base("fast_stride8_local", "fast_stride8")
-    assert (local.hparams.attention_locality, plain.hparams.attention_locality) == (1.0, 0.0)
+    assert (local.settings.attention_locality, plain.settings.attention_locality) == (1.0, 0.0)
     assert local.model.reconstructor.attention_locality == 1.0
-    assert local.hparams.reconstructor == "transformer"
+    assert local.settings.reconstructor == "transformer"
     assert local.model.reconstructor.query_embed.shape[1] == 16 * 16  # still the learnable query
     chosen = ADTR(recipe="fast_stride8_local", attention_locality=0.5, pre_trained=False)
-    assert chosen.hparams.attention_locality == 0.5  # an argument the user sets wins over the recipe
+    assert chosen.settings.attention_locality == 0.5  # an argument the user sets wins over the recipe
 
 
 def test_the_demo_offers_every_recipe() -> None:
@@ -182,7 +183,7 @@ def test_the_demo_trains_the_recommended_recipe_for_the_recommended_steps() -> N
         ({"recipe": "fastest"}, "recipe must be one of"),
         ({"warmup_steps": -1}, "warmup_steps"),
         ({"warmup_steps": 2.5}, "warmup_steps"),
-        ({"gradient_clip_val": 0.0}, "gradient_clip_val"),
+        ({"gradient_clip_val": -0.1}, "gradient_clip_val"),
         ({"gradient_clip_val": math.nan}, "gradient_clip_val"),
         ({"feature_jitter": -1.0}, "feature_jitter"),
         ({"feature_jitter": math.nan}, "feature_jitter"),
@@ -258,8 +259,10 @@ def test_checkpoint_from_before_feature_statistics_loads_as_identity(tmp_path: P
     checkpoint = torch.load(path, weights_only=False)
     for name in FEATURE_STATISTICS:
         del checkpoint["state_dict"][f"model.{name}"]
+    saved = checkpoint["hyper_parameters"]
+    saved.update(saved.pop("settings"))  # the flat arguments of earlier versions
     for key in ("feature_jitter", "normalize_features", "warmup_steps", "gradient_clip_val", "recipe", "patch_size"):
-        checkpoint["hyper_parameters"].pop(key)
+        saved.pop(key)
     old = tmp_path / "old.ckpt"
     torch.save(checkpoint, old)
     restored = ADTR.load_from_checkpoint(old)
@@ -277,7 +280,7 @@ def test_bf16_only_where_the_hardware_computes_it(monkeypatch: pytest.MonkeyPatc
     model.reconstruct_for_training(features)
     monkeypatch.setattr(lightning_base, "native_bf16", lambda _device: True)
     model.reconstruct_for_training(features)
-    model.hparams.bf16 = False
+    model.settings.bf16 = False
     model.reconstruct_for_training(features)
     assert dtypes == [torch.float32, torch.bfloat16, torch.float32]
 

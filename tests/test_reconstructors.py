@@ -90,7 +90,7 @@ def test_without_query_the_decoder_starts_from_the_encoder_output() -> None:
 @pytest.mark.parametrize("module", [ADTR, ADTRPlus])
 def test_lightning_modules_build_and_restore_the_chosen_reconstructor(module: type) -> None:
     first = module(backbone="tf_efficientnet_lite0", pre_trained=False, reconstructor="cnn", **TINY)
-    assert first.hparams.reconstructor == "cnn"
+    assert first.settings.reconstructor == "cnn"
     assert first.model.reconstructor.kind == "cnn"
     restored = module(**first.hparams)
     restored.load_state_dict(first.state_dict())  # strict: the same parameters

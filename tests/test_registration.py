@@ -151,8 +151,8 @@ def test_wheel_dependency_list_resolves_and_the_installed_wheel_trains(wheel: Pa
     assert result.returncode == 0, result.stderr[-3000:]
     assert "class_path: adtr_anomalib.ADTR" in result.stdout
     data = make_folder(tmp_path / "data", n_train=8, n_test=2, size=64, masks=False)
-    tiny = ["--model.hidden_dim", "32", "--model.ffn_dim", "64", "--model.num_heads", "4",
-            "--model.num_encoder_layers", "1", "--model.num_decoder_layers", "1"]  # fmt: skip
+    tiny = ["--model.settings.hidden_dim", "32", "--model.settings.ffn_dim", "64", "--model.settings.num_heads", "4",
+            "--model.settings.num_encoder_layers", "1", "--model.settings.num_decoder_layers", "1"]  # fmt: skip
     folder = ["--data", "Folder", "--data.name", "tiny", "--data.root", str(data),
               "--data.normal_dir", "train/good", "--data.normal_test_dir", "test/good",
               "--data.abnormal_dir", "test/defect"]  # fmt: skip

@@ -10,6 +10,7 @@ from anomalib.models.components import AnomalibModule
 from adtr_anomalib.metrics import inspection_evaluator
 from adtr_anomalib.models import ADTR, ADTRPlus
 from adtr_anomalib.models.adtr.components.backbone import load_backbone_weights
+from adtr_anomalib.models.adtr.components.settings import SETTING_NAMES
 from adtr_anomalib.models.adtr.lightning_base import constructor_parameters
 from adtr_anomalib.post_processing import RankPreservingPostProcessor
 
@@ -81,7 +82,9 @@ def check_model_options(name: str, options: dict[str, Any]) -> None:
             "image_size are top-level settings."
         )
         raise ValueError(msg)
-    accepted = constructor_parameters(MODEL_CLASSES[key])
+    accepted = set(constructor_parameters(MODEL_CLASSES[key]))
+    if issubclass(MODEL_CLASSES[key], ADTR):  # ADTR's settings may also be given by name
+        accepted |= set(SETTING_NAMES)
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         msg = f"{name}: unknown init_args {unknown}; {MODEL_CLASSES[key].__name__} takes {sorted(accepted)}."

@@ -27,7 +27,7 @@ from adtr_anomalib.data import (
     make_texture_dataset,
     mvtec_layout_folder,
 )
-from adtr_anomalib.models.adtr.components.training import DEFAULT_RECIPE, DEFAULT_STEPS
+from adtr_anomalib.models.adtr.components.settings import DEFAULT_RECIPE, DEFAULT_STEPS
 
 BUILTIN = "builtin:"
 MODEL_FIELDS = ("name", "label", "epochs", "steps", "init_args", "start_from", "train_anomalies")

@@ -19,7 +19,7 @@ from adtr_anomalib.data.anomalies import (
     move_test_anomalies_to_train,
 )
 from adtr_anomalib.data.bsdata import BSData
-from adtr_anomalib.data.folder import HELD_OUT_VALIDATION, mvtec_layout_folder
+from adtr_anomalib.data.folder import HELD_OUT_VALIDATION, TEST_FOLDER_VALIDATION, mvtec_layout_folder
 from adtr_anomalib.data.subset import subsample_splits
 from adtr_anomalib.data.synthetic import AnomalyInjectionDataset, ConfettiNoise
 from adtr_anomalib.data.textures import DEFECT_TYPES, TEXTURE_CATEGORIES, default_dataset_root, make_texture_dataset
@@ -28,6 +28,7 @@ from adtr_anomalib.data.validation import DataError, HiddenFilesFilter, check_da
 __all__ = [
     "DEFECT_TYPES",
     "HELD_OUT_VALIDATION",
+    "TEST_FOLDER_VALIDATION",
     "TEXTURE_CATEGORIES",
     "AnomalyInjectionDataset",
     "BSData",

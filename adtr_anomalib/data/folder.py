@@ -21,6 +21,10 @@ from adtr_anomalib.data.validation import check_folder_layout, list_images
 # scores to [0, 1], and real defects weaker than the synthetic ones would tie with normal images at 0 in the test
 # metrics. The demo and the benchmark do both. Pass it to mvtec_layout_folder(**HELD_OUT_VALIDATION).
 HELD_OUT_VALIDATION: dict[str, Any] = {"val_split_mode": ValSplitMode.SYNTHETIC, "val_split_ratio": 0.1}
+# Validation from half of the test folder's images, moved out of the test set (anomalib's ``Folder`` default): the
+# thresholds then come from good images taken as the test images were, which matters where the training images were
+# taken otherwise (the built-in textures' test images are cut from another band of the photographs).
+TEST_FOLDER_VALIDATION: dict[str, Any] = {"val_split_mode": ValSplitMode.FROM_TEST, "val_split_ratio": 0.5}
 
 
 def _has_images(folder: Path) -> bool:

@@ -1,6 +1,6 @@
 """anomalib models added by this plugin."""
 
-from .adtr import ADTR, ADTRModel
+from .adtr import ADTR, ADTRModel, ADTRSettings
 from .adtr_plus import ADTRPlus
 
-__all__ = ["ADTR", "ADTRModel", "ADTRPlus"]
+__all__ = ["ADTR", "ADTRModel", "ADTRPlus", "ADTRSettings"]

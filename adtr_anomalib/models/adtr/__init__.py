@@ -6,8 +6,9 @@ a learnable query embedding reconstructs them; the anomaly map is the L2 norm of
 Paper: https://arxiv.org/abs/2209.01816
 """
 
-from .components.training import DEFAULT_RECIPE, DEFAULT_STEPS, RECIPES, step_budget
+from .components.settings import DEFAULT_RECIPE, DEFAULT_STEPS, RECIPES, ADTRSettings
+from .components.training import step_budget
 from .lightning_model import ADTR
 from .torch_model import ADTRModel
 
-__all__ = ["ADTR", "DEFAULT_RECIPE", "DEFAULT_STEPS", "RECIPES", "ADTRModel", "step_budget"]
+__all__ = ["ADTR", "DEFAULT_RECIPE", "DEFAULT_STEPS", "RECIPES", "ADTRModel", "ADTRSettings", "step_budget"]

@@ -8,10 +8,11 @@ stages and ImageNet weights without a model hub).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,23 +34,25 @@ from .components.backbone import backbone_normalization
 from .components.checkpoints import (
     CHECKPOINT_IO,
     RNG_STATE_KEY,
-    adopt_network_arguments,
     check_checkpoint_file,
     check_saved_by,
     fill_statistics,
     match_evaluator_state,
+    network_arguments_to_adopt,
     read_network_state,
     rng_state,
+    saved_arguments,
     set_rng_state,
 )
 from .components.export import frozen_parameters, quantize_ov
 from .components.feature_cache import FeatureCache, cache_blockers
-from .components.training import apply_recipe, check_finite, check_optimizer_arguments, lr_scheduler, native_bf16
+from .components.settings import SETTING_NAMES, ADTRSettings, resolve_settings
+from .components.training import check_finite, lr_scheduler, native_bf16
 from .torch_model import ADTRModel
 
 logger = logging.getLogger(__name__)
 
-# The constructor arguments of ADTR and ADTR+ that `ADTRModel` takes: all of its own but the weights source and the
+# The arguments and settings of ADTR and ADTR+ that `ADTRModel` takes: all of its own but the weights source and the
 # image size (set by the pre-processor).
 MODEL_ARGUMENTS = tuple(
     name for name in inspect.signature(ADTRModel).parameters if name not in {"pre_trained", "weights", "input_size"}
@@ -84,24 +87,54 @@ class ADTRLightningMixin:
     model: ADTRModel
     hparams: Any
 
-    def build_adtr(self, **arguments: Any) -> None:
-        """Build the torch model from the constructor's arguments, with the ``recipe``'s values where they were left
-        at their defaults; the backbone weights come later, when training starts.
+    model: ADTRModel
+    settings: ADTRSettings
 
-        The effective values replace the saved hyper-parameters, so a checkpoint rebuilds the trained network.
+    def build_adtr(
+        self,
+        *,
+        backbone: str,
+        layers: Sequence[str],
+        recipe: str,
+        settings: ADTRSettings | Mapping[str, Any] | None,
+        setting_values: Mapping[str, Any],
+        **arguments: Any,
+    ) -> None:
+        """Resolve the settings (paper, recipe, then the user's) and build the torch model; the backbone weights
+        come later, when training starts.
+
+        The hyper-parameters keep the constructor's shape with the effective settings in ``settings``, so a
+        checkpoint rebuilds the trained network whatever the recipe's values become in later versions.
         """
-        defaults = {name: parameter.default for name, parameter in constructor_parameters(type(self)).items()}
-        settings = apply_recipe(arguments, defaults)
-        check_optimizer_arguments(settings)
-        self.hparams.update(settings)
-        self.model: ADTRModel = self._network(self.input_size or (256, 256), settings)
+        del backbone, layers, arguments  # already in the hyper-parameters
+        if "adtr_checkpoint" in setting_values:  # what ADTRPlus saves: its checkpoints, loaded as ADTR, land here
+            msg = (
+                f"adtr_checkpoint is an argument of ADTRPlus, not {type(self).__name__}: to train ADTR+ from an ADTR "
+                "checkpoint use ADTRPlus(adtr_checkpoint=...); a checkpoint saved by ADTRPlus loads with "
+                "ADTRPlus.load_from_checkpoint(path) or --model ADTRPlus."
+            )
+            raise ValueError(msg)
+        self.settings = resolve_settings(recipe, self.hparams.layers, settings, setting_values)
+        for name in setting_values:
+            self.hparams.pop(name, None)
+        self.hparams["settings"] = dataclasses.asdict(self.settings)
+        self.model = self._network(self.input_size or (256, 256))
         self.feature_cache = FeatureCache()
         self._map_statistics_step: int | None = None  # global step the map statistics were fitted at
 
-    @staticmethod
-    def _network(input_size: tuple[int, int], arguments: Mapping[str, Any]) -> ADTRModel:
-        """The torch model for ``input_size`` from ADTR's arguments, without backbone weights."""
+    def _network(self, input_size: tuple[int, int]) -> ADTRModel:
+        """The torch model for ``input_size`` from the hyper-parameters, without backbone weights."""
+        arguments = saved_arguments(self.hparams)
         return ADTRModel(pre_trained=False, input_size=input_size, **{k: arguments[k] for k in MODEL_ARGUMENTS})
+
+    def _adopt_arguments(self, changed: Mapping[str, Any]) -> None:
+        """Take network arguments from a checkpoint: backbone and layers as arguments, the rest as settings."""
+        for name in ("backbone", "layers"):
+            if name in changed:
+                self.hparams[name] = changed[name]
+        rest = {key: value for key, value in changed.items() if key in SETTING_NAMES}
+        self.settings = dataclasses.replace(self.settings, **rest)
+        self.hparams["settings"] = dataclasses.asdict(self.settings)
 
     @classmethod
     def default_pre_processor(cls, pre_processor: nn.Module | bool, backbone: str) -> nn.Module | bool:
@@ -196,7 +229,9 @@ class ADTRLightningMixin:
         """
         owner = type(self).__name__
         safe = self.checkpoint_safe_globals()  # type: ignore[attr-defined]
-        self.model.load_state_dict(read_network_state(path, self.model, self.hparams, argument, owner, safe))
+        self.model.load_state_dict(
+            read_network_state(path, self.model, saved_arguments(self.hparams), argument, owner, safe)
+        )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Also save the random number generators, so a run resumed from this checkpoint continues exactly."""
@@ -221,9 +256,10 @@ class ADTRLightningMixin:
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
         size = self.input_size
         size = (int(size[0]), int(size[1])) if size is not None else self.model.input_size
-        changed = adopt_network_arguments(checkpoint, self.hparams, MODEL_ARGUMENTS, type(self).__name__)
+        changed = network_arguments_to_adopt(checkpoint, self.hparams, MODEL_ARGUMENTS, type(self).__name__)
+        self._adopt_arguments(changed)
         if changed or size != self.model.input_size:
-            self.model = self._network(size, self.hparams)
+            self.model = self._network(size)
         match_evaluator_state(checkpoint, self)
         fill_statistics(checkpoint, self.model, (*FEATURE_STATISTICS, *MAP_STATISTICS))
         trainer = getattr(self, "_trainer", None)
@@ -365,7 +401,7 @@ class ADTRLightningMixin:
         return reconstruction.float()
 
     def _bf16_enabled(self) -> bool:
-        return bool(self.hparams.bf16) and native_bf16(self.device)
+        return bool(self.settings.bf16) and native_bf16(self.device)
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Anomaly maps and scores for the validation images (used for normalisation and thresholds)."""
@@ -377,11 +413,11 @@ class ADTRLightningMixin:
         """AdamW on the transformer only (the backbone stays frozen), stepped per iteration."""
         optimizer = torch.optim.AdamW(
             self.model.reconstructor.parameters(),
-            lr=self.hparams.lr,
-            weight_decay=self.hparams.weight_decay,
+            lr=self.settings.lr,
+            weight_decay=self.settings.weight_decay,
         )
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        scheduler = lr_scheduler(optimizer, self.hparams.lr_schedule, total, int(self.hparams.warmup_steps))
+        scheduler = lr_scheduler(optimizer, self.settings.lr_schedule, total, int(self.settings.warmup_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     @property
@@ -390,7 +426,7 @@ class ADTRLightningMixin:
         checkpoint files checked before they are read."""
         return {
             "num_sanity_val_steps": 0,
-            "gradient_clip_val": self.hparams.gradient_clip_val,
+            "gradient_clip_val": self.settings.gradient_clip_val or None,  # 0: no clipping
             "plugins": [CHECKPOINT_IO],
         }
 

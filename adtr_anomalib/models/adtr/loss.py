@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import nn
 
-LossReduction = Literal["sum", "mean"]
+from .components.settings import LossReduction
 
 
 class ADTRLoss(nn.Module):

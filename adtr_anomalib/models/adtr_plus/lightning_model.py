@@ -63,9 +63,9 @@ class ADTRPlus(ADTR, AnomalibModule):
         k: Top-k errors averaged into the image score of ``L_img``. Paper (CIFAR-10): 20.
         mask_threshold: How masks become token labels on the feature grid: ``None`` (default) marks a token
             anomalous if any pixel of its cell is; a float in ``(0, 1]`` needs at least that fraction.
-        **kwargs: Every argument of :class:`~adtr_anomalib.ADTR` (the CLI lists them as ``--model.<name>``),
-            except ``loss_reduction``. The network's arguments must match the ADTR checkpoint when one is given
-            (``normalize_map`` may differ: the map statistics are fitted again after ADTR+ training, on its
+        **kwargs: Every argument of :class:`~adtr_anomalib.ADTR` (the CLI lists them as ``--model.<name>``) and
+            its settings, except ``loss_reduction``. The network's arguments must match the ADTR checkpoint when one
+            is given (``normalize_map`` may differ: the map statistics are fitted again after ADTR+ training, on its
             normal training images); use the ADTR model's ``recipe``. The feature cache is turned off by itself
             for on-the-fly synthetic anomalies and augmentations.
     """
@@ -86,13 +86,13 @@ class ADTRPlus(ADTR, AnomalibModule):
         if mask_threshold is not None and not 0.0 < mask_threshold <= 1.0:
             msg = f"mask_threshold must be None (any anomalous pixel) or in (0, 1], got {mask_threshold}."
             raise ValueError(msg)
-        if kwargs.get("loss_reduction", "sum") != "sum":
+        super().__init__(**kwargs)
+        if self.settings.loss_reduction != "sum":
             msg = (
-                f"loss_reduction={kwargs['loss_reduction']!r} is ADTR's L_norm setting; ADTR+ trains on its own "
+                f"loss_reduction={self.settings.loss_reduction!r} is ADTR's L_norm setting; ADTR+ trains on its own "
                 "losses (L_px, L_img). Leave it out."
             )
             raise ValueError(msg)
-        super().__init__(**kwargs)
         self.adtr_checkpoint = adtr_checkpoint
         self.supervision = supervision
         self.mask_threshold = mask_threshold

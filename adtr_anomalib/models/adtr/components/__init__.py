@@ -1,5 +1,5 @@
 """The parts of ADTR: the backbone and its weights, the reconstructor and its transformer layers, the training
-statistics, recipes and step budgets, the feature cache, checkpoint checks and export settings."""
+statistics, the settings and their recipes, step budgets, the feature cache, checkpoint checks and export settings."""
 
 from .backbone import DEFAULT_LAYERS
 from .reconstructor import RECONSTRUCTORS, ADTRReconstructor, ReconstructorKind

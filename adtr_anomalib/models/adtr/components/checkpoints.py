@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import random
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -179,8 +179,19 @@ def check_saved_by(checkpoint: dict[str, Any], owner: str, owner_is_plus: bool, 
     raise ValueError(msg)
 
 
-def adopt_network_arguments(checkpoint: dict[str, Any], hparams: Any, names: Iterable[str], owner: str) -> bool:
-    """Take the network's arguments ``names`` from the checkpoint into ``hparams`` where they differ.
+def saved_arguments(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """ADTR's hyper-parameters as one flat mapping, its settings beside its arguments.
+
+    Checkpoints keep the settings under ``settings``; those of earlier versions kept them flat beside the arguments.
+    """
+    flat = {key: value for key, value in hparams.items() if key != "settings"}
+    return {**flat, **(hparams.get("settings") or {})}
+
+
+def network_arguments_to_adopt(
+    checkpoint: dict[str, Any], hparams: Mapping[str, Any], names: Iterable[str], owner: str
+) -> dict[str, Any]:
+    """The network's arguments ``names`` that the checkpoint has with other values than ``hparams``.
 
     ``anomalib predict/test --model ADTR --ckpt_path ...`` builds ADTR from its defaults (EfficientNet-B4),
     then Lightning loads the checkpoint into it; a model trained with another backbone or size would fail
@@ -188,19 +199,19 @@ def adopt_network_arguments(checkpoint: dict[str, Any], hparams: Any, names: Ite
 
     Args:
         checkpoint: The Lightning checkpoint being loaded.
-        hparams: The module's hyper-parameters; updated in place.
-        names: Hyper-parameters that define the network.
+        hparams: The module's hyper-parameters.
+        names: Arguments and settings that define the network.
         owner: Name of the model, for the log message.
 
     Returns:
-        Whether any argument changed (the network must then be rebuilt).
+        The arguments to take from the checkpoint (empty: the network stays as it is).
     """
-    saved = checkpoint.get("hyper_parameters") or {}
-    changed = {k: saved[k] for k in names if k in saved and plain(saved[k]) != plain(hparams[k])}
+    saved = saved_arguments(checkpoint.get("hyper_parameters") or {})
+    current = saved_arguments(hparams)
+    changed = {k: saved[k] for k in names if k in saved and plain(saved[k]) != plain(current[k])}
     if changed:
         logger.info("%s: network arguments taken from the checkpoint: %s", owner, changed)
-        hparams.update(changed)
-    return bool(changed)
+    return changed
 
 
 def match_evaluator_state(checkpoint: dict[str, Any], module: nn.Module) -> None:
@@ -248,7 +259,8 @@ def read_network_state(
     Args:
         path: A Lightning ``.ckpt`` of ADTR or ADTR+, or a saved ``ADTRModel`` state dict.
         network: The ``ADTRModel`` that will load it (missing statistics are taken from it: identity).
-        hparams: The loading model's constructor arguments, compared with those the file was trained with.
+        hparams: The loading model's arguments and settings (:func:`saved_arguments`), compared with those the file
+            was trained with.
         argument: The argument that named the file, for the messages.
         owner: The loading model's class name, for the messages.
         safe_globals: Classes ``torch.load(weights_only=True)`` may rebuild (the model's checkpoint globals).
@@ -278,7 +290,7 @@ def read_network_state(
         state = {key.removeprefix("model."): value for key, value in state.items() if key.startswith("model.")}
     if any(key.startswith("reconstructor.") for key in state):  # saved before the statistics: identity
         fill_statistics(state, network, (*FEATURE_STATISTICS, *MAP_STATISTICS), prefix="")
-    trained_with = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
+    trained_with = saved_arguments(checkpoint.get("hyper_parameters") or {}) if isinstance(checkpoint, dict) else {}
     architecture = {key: trained_with[key] for key in ARCHITECTURE_ARGUMENTS if key in trained_with}
     # Shapes alone miss a different head count or backbone of the same width: compare the saved arguments.
     differs = [key for key, value in architecture.items() if plain(value) != plain(hparams[key])]
