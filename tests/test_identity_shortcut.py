@@ -2,7 +2,7 @@
 
 The paper argues that a linear reconstructor drifts toward the identity and then reconstructs anomalies as well
 as normal features, while the query attention does not. ``benchmarks/identity_shortcut.py`` measures it (equal
-steps, swept learning rates, 3 seeds, brick and grass; README of the ADTR model): the linear weight does move toward
+steps, swept learning rates, 3 seeds, brick and grass; benchmarks/README.md): the linear weight does move toward
 the identity, but at this budget it still separates anomalous from normal tokens as well as the attention model on
 brick (token AUROC 0.999 against 0.983) and a little worse on grass (0.912 against 0.928). This is the same
 measurement on brick, one seed, a smaller budget.
@@ -79,8 +79,8 @@ def test_the_linear_model_drifts_toward_the_identity(results: dict) -> None:
 
 
 def test_at_this_budget_the_linear_model_still_separates_brick_at_least_as_well(results: dict) -> None:
-    """What the README reports: the paper's order (attention above linear) does not show on brick here.
+    """What the experiment log reports: the paper's order (attention above linear) does not show on brick here.
 
-    If this starts failing, the measurement changed: re-run the experiment and update the README's table.
+    If this starts failing, the measurement changed: re-run the experiment and update the experiment log's table.
     """
     assert results["linear"]["token_AUROC"] >= results["attention"]["token_AUROC"] - 0.005, results
