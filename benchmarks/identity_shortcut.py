@@ -20,7 +20,9 @@ like the plate around it, so a model that rebuilds a position from its neighbour
 and must miss it; two more references show that: the mean of the 8 neighbouring tokens (error to it), and the
 training images' mean token at each position (a per-position prior, as PaDiM's), which must find it.
 
-    OMP_NUM_THREADS=1 python benchmarks/identity_shortcut.py --textures brick grass part --seeds 0 1 2
+    OMP_NUM_THREADS=1 python benchmarks/identity_shortcut.py --textures brick grass --seeds 0 1 2
+    OMP_NUM_THREADS=1 python benchmarks/identity_shortcut.py --textures part \
+        --output benchmarks/results/identity_shortcut_part.csv
 """
 
 from __future__ import annotations
@@ -277,7 +279,7 @@ def report(table: pd.DataFrame) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--textures", nargs="+", default=["brick", "grass", "part"], choices=["brick", "grass", "gravel", "part"]
+        "--textures", nargs="+", default=["brick", "grass"], choices=["brick", "grass", "gravel", "part"]
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=400, help="optimiser steps for every reconstructor")

@@ -12,7 +12,7 @@ import dataclasses
 import inspect
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -85,35 +85,23 @@ class ADTRLightningMixin:
     """
 
     model: ADTRModel
-    hparams: Any
-
-    model: ADTRModel
     settings: ADTRSettings
+    hparams: Any
 
     def build_adtr(
         self,
-        *,
-        backbone: str,
-        layers: Sequence[str],
         recipe: str,
         settings: ADTRSettings | Mapping[str, Any] | None,
         setting_values: Mapping[str, Any],
-        **arguments: Any,
     ) -> None:
-        """Resolve the settings (paper, recipe, then the user's) and build the torch model; the backbone weights
-        come later, when training starts.
+        """Resolve the settings (paper, recipe, then the user's) and build the torch model from them and the saved
+        backbone arguments; the backbone weights come later, when training starts.
 
         The hyper-parameters keep the constructor's shape with the effective settings in ``settings``, so a
         checkpoint rebuilds the trained network whatever the recipe's values become in later versions.
         """
-        del backbone, layers, arguments  # already in the hyper-parameters
-        if "adtr_checkpoint" in setting_values:  # what ADTRPlus saves: its checkpoints, loaded as ADTR, land here
-            msg = (
-                f"adtr_checkpoint is an argument of ADTRPlus, not {type(self).__name__}: to train ADTR+ from an ADTR "
-                "checkpoint use ADTRPlus(adtr_checkpoint=...); a checkpoint saved by ADTRPlus loads with "
-                "ADTRPlus.load_from_checkpoint(path) or --model ADTRPlus."
-            )
-            raise ValueError(msg)
+        # ADTR+'s hyper-parameters land here when its checkpoint is loaded as ADTR.
+        check_saved_by({"hyper_parameters": setting_values}, type(self).__name__, owner_is_plus=False, path=None)
         self.settings = resolve_settings(recipe, self.hparams.layers, settings, setting_values)
         for name in setting_values:
             self.hparams.pop(name, None)

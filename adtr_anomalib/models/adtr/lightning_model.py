@@ -89,16 +89,10 @@ class ADTR(ADTRLightningMixin, AnomalibModule):
             evaluator=evaluator,
             visualizer=visualizer,
         )
-        self.build_adtr(
-            backbone=backbone,
-            layers=layers,
-            pre_trained=pre_trained,
-            weights=weights,
-            recipe=recipe,
-            settings=settings,
-            setting_values=setting_values,
-            cache_features=cache_features,
-        )
+        # The backbone arguments and cache_features reach the network and the hooks through the hyper-parameters that
+        # AnomalibModule saved from this frame.
+        del layers, pre_trained, weights, cache_features
+        self.build_adtr(recipe, settings, setting_values)
         self.loss = ADTRLoss(reduction=self.settings.loss_reduction)
 
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
